@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh Debian machine with Python 3.11:
+#   make demo   -- install, fine-tune the shipped base model on Fashion-MNIST subclasses, sample, evaluate, report
+#   make test   -- install, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test,data,fid
+
+.PHONY: setup data test demo clean
+setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+
+$(VENV)/.installed-%: pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing efdit[$(EXTRAS)] into $(VENV) (pinned by constraints.txt)"
+	@set -o pipefail; $(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@$(PY) -c "import torch, efdit; print('efdit', efdit.__version__, 'torch', torch.__version__)"
+	@touch $@
+
+data:
+	@bash scripts/install_data.sh
+
+test: setup data
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
+
+demo: setup data
+	$(VENV)/bin/efdit demo
+
+clean:
+	rm -rf $(VENV) runs .cache
