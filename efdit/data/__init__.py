@@ -1,0 +1,82 @@
+"""Hierarchical image datasets (superclass -> subclass), held in memory.
+
+    from efdit.data import build_dataset
+    ds = build_dataset("fmnist", split="train")          # 60000 x 1 x 28 x 28, 10 subclasses / 4 superclasses
+    x, sub, sup = ds.sample_batch(128)                   # x float32 (128, 1, 28, 28) in [-1, 1]
+
+Loaders are imported only when used, so `import efdit.data` stays light (no scikit-learn, no PIL).
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+
+from efdit.data.base import HierarchicalDataset
+from efdit.data.hierarchy import Hierarchy
+from efdit.errors import EfditError
+
+# name -> one-line description (for CLI help); the loaders are in the modules of the same name
+DATASETS: dict[str, str] = {
+    "digits": "scikit-learn digits, 1,797 x 8x8 gray, 10 digits under 3 made-up superclasses (always available)",
+    "fmnist": "Fashion-MNIST, 60k+10k x 28x28 gray, 10 classes under 4 superclasses (Debian dataset-fashion-mnist)",
+    "emoji": "emoji drawings (Google + Twitter), 32x32 RGB, Unicode group -> subgroup -> emoji (npm, --emoji)",
+    "folder": "your images: root/<superclass>/<subclass>/*.png|jpg|... (needs root)",
+}
+ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist", "sklearn-digits": "digits"}
+
+__all__ = ["Hierarchy", "HierarchicalDataset", "build_dataset", "DATASETS"]
+
+
+def _reject(name: str, **given) -> None:
+    """An EfditError for options a dataset does not take."""
+    bad = [k for k, v in given.items() if v is not None]
+    if bad:
+        raise EfditError(f"dataset {name!r} does not take {', '.join(bad)}")
+
+
+def _call(name: str, loader, *args, **kwargs) -> HierarchicalDataset:
+    """Call a loader, turning unknown keyword arguments into an EfditError that lists the known ones."""
+    params = inspect.signature(loader).parameters
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise EfditError(f"dataset {name!r} does not take {', '.join(unknown)} "
+                         f"(its options: {', '.join(p for p in params if p != 'split')})")
+    return loader(*args, **kwargs)
+
+
+def build_dataset(name: str, split: str = "train", image_size: int | tuple[int, int] | None = None,
+                  channels: int | None = None, root: str | os.PathLike | None = None, on_bad_image: str = "skip",
+                  super_level: str | None = None, sub_level: str | None = None, **kw) -> HierarchicalDataset:
+    """Load dataset `name` ("digits", "fmnist", "emoji", "folder"); see `DATASETS`.
+
+    image_size: int or (H, W); None = the dataset's own size (digits 8, fmnist 28, emoji 32, folder 64).
+    channels: 1 or 3; None = the dataset's own (gray for digits/fmnist, RGB for emoji/folder).
+    root: data folder (fmnist: the idx files; emoji: the npm node_modules; folder: required).
+    on_bad_image: "skip" | "fail", folder only. super_level / sub_level: emoji only.
+    Extra keyword arguments go to the loader (e.g. emoji `categories`, `styles`; any `allow_empty_classes`).
+    """
+    key = ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    if key == "digits":
+        from efdit.data.digits import load_digits
+        _reject(key, root=root, super_level=super_level, sub_level=sub_level)
+        return _call(key, load_digits, split, image_size=image_size, channels=channels, **kw)
+    if key == "fmnist":
+        from efdit.data.fmnist import load_fmnist
+        _reject(key, super_level=super_level, sub_level=sub_level)
+        return _call(key, load_fmnist, split, image_size=image_size, channels=channels, root=root, **kw)
+    if key == "emoji":
+        from efdit.data.emoji import load_emoji
+        return _call(key, load_emoji, split, image_size=image_size, channels=channels, root=root,
+                          super_level=super_level, sub_level=sub_level, **kw)
+    if key == "folder":
+        from efdit.data.folder import load_folder
+        if root is None:
+            raise EfditError("dataset 'folder' needs root (a folder laid out as root/<superclass>/<subclass>/*.png)")
+        _reject(key, super_level=super_level, sub_level=sub_level)
+        return _call(key, load_folder, root, split, image_size=image_size, channels=channels,
+                     on_bad_image=on_bad_image, **kw)
+    close = difflib.get_close_matches(str(name).lower(), list(DATASETS) + list(ALIASES), n=3, cutoff=0.5)
+    close = list(dict.fromkeys(ALIASES.get(c, c) for c in close))
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise EfditError(f"unknown dataset {name!r}{hint} (known: {', '.join(sorted(DATASETS))})")
