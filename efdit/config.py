@@ -1,0 +1,264 @@
+"""Configs: one dataclass tree, named presets, typed `--key value` overrides, JSON in every run.
+
+Overrides name a field by its dotted path (`model.depth`) or, when unambiguous, by its last part (`depth`).
+Values are parsed to the field's type; an unknown key or preset is a one-line error naming close matches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+
+from .errors import EfditError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = ""                 # "DiT-S/2" … "DiT-XL/8" sets depth / hidden / heads / patch; "" = the fields below
+    patch_size: int = 4
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    pos_embed: str = "sincos"      # sincos | learned
+    attn_backend: str = "sdpa"
+    condition_on: str = "sub"      # which label the model is conditioned on: sub | super
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fmnist"        # fmnist | digits | emoji | folder
+    root: str = ""                 # folder datasets (and overrides of the default data location)
+    image_size: int = 0            # 0 = the dataset's own size
+    channels: int = 0              # 0 = the dataset's own
+    hflip: bool = False            # random horizontal flips
+    on_bad_image: str = "skip"     # skip | fail (folder format)
+    super_level: str = ""          # emoji: group | subgroup | emoji
+    sub_level: str = ""
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"       # linear | cosine
+    steps: int = 1000
+    prediction: str = "eps"        # eps | v | x0
+    loss: str = "hybrid"           # hybrid (MSE + VLB, learned Σ) | mse
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_images: int = 0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0          # 0 = off
+    grad_accum: int = 1
+    precision: str = "fp32"        # fp32 | bf16
+    grad_checkpointing: bool = False
+    total_images: int = 10_000      # budget in images seen …
+    minutes: float = 0.0            # … or in wall-clock minutes (0 = no time limit)
+    log_every: int = 1_000          # images
+    ckpt_every: int = 10_000        # images
+    sample_every: int = 0           # images; 0 = only at the end
+    init_from: str = ""            # a base checkpoint (efdit .safetensors) to fine-tune from
+    init_labels: str = "parent"    # new label rows when the label set changes: parent | random
+    seed: int = 0
+    threads: int = 0                # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"          # ddpm | ddim
+    steps: str = "50"              # respacing: "250", "ddim50", "50"
+    eta: float = 0.0
+    guidance: str = "cfg"          # none | cfg | super | two_term
+    cfg_scale: float = 2.0
+    cfg_scale_super: float = 1.0
+    cfg_channels: str = "all"      # all | first3
+    clip_x0: bool = True           # clip predicted x0 to [-1, 1] (pixel space)
+    per_class: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    run_dir: str = ""
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        apply_overrides(cfg, _flatten(d), strict=False)
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---- presets ----------------------------------------------------------------------------------------------
+def _preset(name: str, **overrides) -> Config:
+    cfg = Config(preset=name)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+PRESETS: dict[str, dict] = {
+    # Base model for the demo: Fashion-MNIST conditioned on the 4 superclasses only, so that the demo's step to
+    # the 10 subclasses is a real fine-grained step (the EFDiT recipe in miniature).
+    "fmnist-base": {"data.dataset": "fmnist", "model.condition_on": "super", "model.patch_size": 4,
+                    "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
+                    "train.batch_size": 64, "train.lr": 6e-4, "train.warmup_images": 10_000,
+                    "train.ema_decay": 0.998, "train.total_images": 2_000_000, "train.minutes": 100.0,
+                    "train.ckpt_every": 10_000, "train.log_every": 2_000, "train.sample_every": 20_000,
+                    "sample.per_class": 8},
+    # The demo's fine-tuning step: the base onto the 10 subclasses, a few CPU minutes.
+    "fmnist-finetune": {"data.dataset": "fmnist", "model.condition_on": "sub", "model.patch_size": 4,
+                        "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
+                        "train.batch_size": 64, "train.lr": 3e-4, "train.ema_decay": 0.995,
+                        "train.total_images": 40_000, "train.minutes": 5.0, "train.ckpt_every": 20_000,
+                        "train.log_every": 2_000, "train.init_from": "efdit/assets/fmnist-base.safetensors"},
+    # From scratch on Fashion-MNIST subclasses (small; for those who reproduce everything).
+    "fmnist-tiny": {"data.dataset": "fmnist", "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6,
+                    "model.num_heads": 4, "train.batch_size": 128, "train.lr": 1e-3, "train.warmup_images": 50_000,
+                    "train.ema_decay": 0.999, "train.total_images": 600_000, "train.ckpt_every": 20_000,
+                    "train.log_every": 5_000},
+    # Seconds-scale runs for tests and smoke checks.
+    "digits-tiny": {"data.dataset": "digits", "model.patch_size": 2, "model.hidden_size": 64, "model.depth": 2,
+                    "model.num_heads": 4, "train.batch_size": 32, "train.lr": 1e-3, "train.ema_decay": 0.99,
+                    "train.total_images": 3_200, "train.ckpt_every": 1_600, "train.log_every": 320,
+                    "sample.steps": "20", "sample.per_class": 4},
+    "emoji-tiny": {"data.dataset": "emoji", "data.hflip": True, "model.patch_size": 4, "model.hidden_size": 256,
+                   "model.depth": 6, "model.num_heads": 4, "train.batch_size": 64, "train.lr": 5e-4,
+                   "train.ema_decay": 0.999, "train.total_images": 100_000, "train.ckpt_every": 20_000,
+                   "sample.per_class": 4},
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise EfditError(f"unknown preset {name!r}" + _close(name, PRESETS) + f" (known: {', '.join(PRESETS)})")
+    return _preset(name, **PRESETS[name])
+
+
+def _close(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+# ---- overrides --------------------------------------------------------------------------------------------
+def field_paths(cfg) -> dict[str, tuple[object, dataclasses.Field]]:
+    """dotted path -> (owning dataclass instance, field)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            for k, pair in field_paths(v).items():
+                out[f"{f.name}.{k}"] = pair
+        else:
+            out[f.name] = (cfg, f)
+    return out
+
+
+def _parse(value, typ, key: str):
+    if isinstance(typ, str):
+        typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, str)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise EfditError(f"--{key} expects true/false, got {value!r}")
+    try:
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            s = str(value).replace("_", "")
+            for suffix, mult in (("Ki", 1 << 10), ("Mi", 1 << 20), ("k", 1000), ("M", 1_000_000)):
+                if s.endswith(suffix):
+                    return int(float(s[: -len(suffix)]) * mult)
+            return int(float(s)) if "e" in s.lower() and float(s).is_integer() else int(s)
+        if typ is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise EfditError(f"--{key} expects {typ.__name__}, got {value!r}") from None
+    return str(value)
+
+
+def apply_overrides(cfg: Config, overrides: dict, strict: bool = True) -> Config:
+    paths = field_paths(cfg)
+    short: dict[str, list[str]] = {}
+    for p in paths:
+        short.setdefault(p.split(".")[-1], []).append(p)
+    for key, value in overrides.items():
+        k = key.replace("-", "_")
+        if k not in paths:
+            if k in short and len(short[k]) == 1:
+                k = short[k][0]
+            elif k in short:
+                raise EfditError(f"--{key} is ambiguous: say {' or '.join('--' + p for p in short[k])}")
+            elif strict:
+                raise EfditError(f"unknown option --{key}" + _close(k, list(paths) + list(short)))
+            else:
+                continue
+        obj, f = paths[k]
+        setattr(obj, f.name, _parse(value, f.type, key))
+    return cfg
+
+
+def parse_override_args(args: list[str]) -> dict:
+    """["--lr", "1e-3", "--model.depth=4"] -> {"lr": "1e-3", "model.depth": "4"}."""
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise EfditError(f"unexpected argument {a!r} (options look like --key value)")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+                raise EfditError(f"option {a} needs a value")
+            k, v = a[2:], args[i + 1]
+            i += 2
+        out[k] = v
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def build_config(preset: str | None, overrides: dict) -> Config:
+    cfg = get_preset(preset) if preset else Config()
+    return apply_overrides(cfg, overrides)

@@ -1,0 +1,68 @@
+"""Building models from configs, and efdit model files (weights + config + hierarchy in one safetensors)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data.hierarchy import Hierarchy
+from .diffusion import create_diffusion
+from .errors import EfditError
+from .models.checkpoint import file_sha256, load_safetensors, load_state_dict_checked, save_safetensors
+from .models.dit import DiT, DiT_models
+
+
+def num_labels(cfg: Config, hierarchy: Hierarchy) -> int:
+    if cfg.model.condition_on not in ("sub", "super"):
+        raise EfditError(f"model.condition_on must be sub | super, not {cfg.model.condition_on!r}")
+    return hierarchy.num_sub if cfg.model.condition_on == "sub" else hierarchy.num_super
+
+
+def model_kwargs(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], channels: int) -> dict:
+    m = cfg.model
+    sizes = dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads)
+    if m.arch:
+        if m.arch not in DiT_models:
+            raise EfditError(f"unknown model.arch {m.arch!r} (known: {', '.join(DiT_models)})")
+        sizes = dict(DiT_models[m.arch])
+    return dict(input_size=tuple(input_size), in_channels=channels, mlp_ratio=m.mlp_ratio,
+                class_dropout_prob=m.class_dropout_prob, num_classes=num_labels(cfg, hierarchy),
+                learn_sigma=m.learn_sigma, pos_embed=m.pos_embed, attn_backend=m.attn_backend, **sizes)
+
+
+def build_model(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], channels: int) -> DiT:
+    return DiT(**model_kwargs(cfg, hierarchy, input_size, channels))
+
+
+def build_diffusion(cfg: Config, respacing: str | None = None):
+    d = cfg.diffusion
+    return create_diffusion(respacing, noise_schedule=d.schedule, diffusion_steps=d.steps, prediction=d.prediction,
+                            learn_sigma=cfg.model.learn_sigma, loss=d.loss)
+
+
+def labels_for(cfg: Config, sub: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
+    return sub if cfg.model.condition_on == "sub" else sup
+
+
+def save_model(path: str | os.PathLike, model: DiT, cfg: Config, hierarchy: Hierarchy, input_size, channels,
+               dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
+    """An efdit model file: weights (optionally cast, e.g. to fp16 for shipping) + everything to rebuild it."""
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    meta = {"config": cfg.to_dict(), "hierarchy": hierarchy.to_dict(), "input_size": list(input_size),
+            "channels": channels, **(extra or {})}
+    return save_safetensors(path, sd, meta)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """-> (model in eval mode, Config, Hierarchy, metadata dict) from an efdit model file."""
+    tensors, meta, _ = load_safetensors(path)
+    if "config" not in meta or "hierarchy" not in meta:
+        raise EfditError(f"{path} is an efdit checkpoint without a model config (a training-state file?)")
+    cfg = Config.from_dict(meta["config"])
+    hierarchy = Hierarchy.from_dict(meta["hierarchy"])
+    model = build_model(cfg, hierarchy, tuple(meta["input_size"]), meta["channels"])
+    load_state_dict_checked(model, {k: v.float() for k, v in tensors.items()}, source=Path(path).name, verbose=False)
+    meta["sha256"] = file_sha256(path)
+    return model.to(device).eval(), cfg, hierarchy, meta

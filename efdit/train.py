@@ -1,0 +1,278 @@
+"""The training loop: one readable file (nanoGPT / EDM2 style).
+
+A run lives in one directory: `config.json` (resolved config), `log.jsonl` (loss, img/s, lr), `samples/`
+(EMA grids), `checkpoints/latest.safetensors` (model, EMA, optimizer, step, RNG states) and, at the end,
+`model.safetensors` (EMA weights + config + hierarchy, for sampling). Rerunning the same command resumes from
+the last checkpoint. Budget: images seen (`train.total_images`) and/or wall-clock minutes (`train.minutes`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import build_dataset
+from .data.hierarchy import Hierarchy
+from .errors import EfditError
+from .models.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
+from .models.dit import count_params, resolve_device
+from .runs import build_diffusion, build_model, labels_for, load_model, save_model
+
+# Fields that may change between a run and its resumption (budgets, intervals, the device).
+RESUMABLE_CHANGES = ("train.total_images", "train.minutes", "train.log_every", "train.ckpt_every",
+                     "train.sample_every", "train.threads", "device", "run_dir")
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run_dir or os.path.join("runs", cfg.preset or "run"))
+
+
+def load_data(cfg: Config, split: str = "train"):
+    d = cfg.data
+    kw = {}
+    if d.super_level:
+        kw["super_level"] = d.super_level
+    if d.sub_level:
+        kw["sub_level"] = d.sub_level
+    return build_dataset(d.dataset, split=split, image_size=d.image_size or None, channels=d.channels or None,
+                         root=d.root or None, on_bad_image=d.on_bad_image, **kw)
+
+
+# ---- optimizer state <-> flat tensors (safetensors holds tensors only) -------------------------------------
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training_state(path: Path, model, ema, opt, gen: torch.Generator, progress: dict, cfg: Config) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = optimizer_to_tensors(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = gen.get_state()
+    save_safetensors(path, tensors, {"kind": "training-state", "config": cfg.to_dict(), "progress": progress,
+                                     "optimizer": opt_meta})
+
+
+def load_training_state(path: Path, model, ema, opt, gen: torch.Generator) -> dict:
+    tensors, meta, _ = load_safetensors(path)
+    load_state_dict_checked(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                            source=str(path), verbose=False)
+    load_state_dict_checked(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
+                            source=str(path), verbose=False)
+    optimizer_from_tensors(opt, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.data"])
+    return meta["progress"]
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        p = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _config_diff(a[k], b[k], p + ".")
+        elif a.get(k) != b.get(k) and p not in RESUMABLE_CHANGES:
+            out.append(f"{p}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+# ---- fine-tuning from a base model ----------------------------------------------------------------------
+def init_from_base(model, cfg: Config, hierarchy: Hierarchy, verbose: bool = True) -> list[str]:
+    """Load a base model file into `model`. A changed label set gets new label rows: `parent` starts every
+    subclass at its superclass's row of a superclass-conditioned base (and the null row at the base's null
+    row); `random` keeps the fresh N(0, 0.02) rows."""
+    path = Path(cfg.train.init_from)
+    if not path.is_file():
+        raise EfditError(f"base checkpoint not found: {path} (train one with `efdit train --preset fmnist-base` "
+                         f"and export it, or pass --init-from PATH)")
+    tensors, meta, _ = load_safetensors(path)
+    if "config" not in meta or "hierarchy" not in meta:
+        raise EfditError(f"{path} is not an efdit model file")
+    sd = {k: v.float() for k, v in tensors.items()}
+    base_cfg = Config.from_dict(meta["config"])
+    base_h = Hierarchy.from_dict(meta["hierarchy"])
+    table = "y_embedder.embedding_table.weight"
+    same_labels = sd[table].shape == model.state_dict()[table].shape and \
+        base_cfg.model.condition_on == cfg.model.condition_on and base_h == hierarchy
+    reinit = load_state_dict_checked(model, sd, replace_label_table=not same_labels, source=path.name,
+                                     verbose=False)
+    if not same_labels and cfg.train.init_labels == "parent":
+        if base_cfg.model.condition_on != "super" or base_h.super_names != hierarchy.super_names:
+            raise EfditError("init_labels=parent needs a base conditioned on the same superclasses "
+                             "(use --init-labels random)")
+        base_table = sd[table]  # (num_super + 1, D): superclass rows, then the null row
+        with torch.no_grad():
+            new = model.y_embedder.embedding_table.weight
+            n = new.shape[0] - int(model.y_embedder.has_null)
+            rows = hierarchy.parent if cfg.model.condition_on == "sub" else torch.arange(hierarchy.num_super)
+            new[:n].copy_(base_table[rows[:n]])
+            if model.y_embedder.has_null and base_table.shape[0] > hierarchy.num_super:
+                new[n].copy_(base_table[hierarchy.num_super])
+        if verbose:
+            print(f"label table: {n} {cfg.model.condition_on}class rows initialised from their superclass rows "
+                  f"of {path.name}")
+    elif verbose and reinit:
+        print(f"re-initialised (not in {path.name}): {', '.join(reinit)}")
+    return reinit
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+def train(cfg: Config, progress: bool = True, dry_run: bool = False) -> Path:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.device)
+    run_dir = run_dir_of(cfg)
+    ds = load_data(cfg, "train")
+    hierarchy = ds.hierarchy
+    input_size, channels = ds.image_size, ds.num_channels
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, hierarchy, input_size, channels)
+    model.grad_checkpointing = cfg.train.grad_checkpointing
+    n_params = count_params(model, exclude=("pos_embed",))
+    n_train = count_params(model, trainable_only=True)
+    if dry_run:
+        print(cfg.to_json())
+        print(f"dataset: {ds.name} ({len(ds)} images, {hierarchy}), input {channels}x{input_size[0]}x{input_size[1]}")
+        print(f"model: {n_params:,} parameters ({n_train:,} trainable), {len(model.blocks)} blocks, "
+              f"{model.x_embedder.num_patches} tokens")
+        print(f"run directory: {run_dir}")
+        return run_dir
+
+    diffusion = build_diffusion(cfg)
+    ckpt_path = run_dir / "checkpoints" / "latest.safetensors"
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    resumed = ckpt_path.is_file()
+    if not resumed and cfg.train.init_from:
+        init_from_base(model, cfg, hierarchy)
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999))
+    prog = {"step": 0, "images": 0, "seconds": 0.0}
+    if resumed:
+        saved_cfg = json.loads((run_dir / "config.json").read_text())
+        diff = _config_diff(saved_cfg, cfg.to_dict())
+        if diff:
+            raise EfditError(f"{run_dir} holds a run with another config ({'; '.join(diff[:4])}): "
+                             f"use another --run-dir, or the same options to resume")
+        prog = load_training_state(ckpt_path, model, ema, opt, gen)
+        print(f"resuming {run_dir} from step {prog['step']} ({prog['images']:,} images)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json())
+
+    tc = cfg.train
+    budget_s = tc.minutes * 60 if tc.minutes else math.inf
+    per_step = tc.batch_size * tc.grad_accum
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    ema_params = [p for p in ema.parameters()]
+    model_params = list(model.parameters())
+    trainable = [p.requires_grad for p in model_params]
+    last = {"log": prog["images"], "ckpt": prog["images"], "sample": prog["images"]}
+    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.time(), "img": 0}
+    log = open(run_dir / "log.jsonl", "a")
+    bar = tqdm(total=tc.total_images, initial=min(prog["images"], tc.total_images), unit="img", disable=not progress,
+               desc=f"train {cfg.preset or ''}".strip(), smoothing=0.1)
+    start = time.time() - prog["seconds"]
+    model.train()
+    try:
+        while prog["images"] < tc.total_images and time.time() - start < budget_s:
+            lr = tc.lr * min(1.0, (prog["images"] + per_step) / tc.warmup_images) if tc.warmup_images else tc.lr
+            for g in opt.param_groups:
+                g["lr"] = lr
+            terms_sum = {}
+            for _ in range(tc.grad_accum):
+                x, sub, sup = ds.sample_batch(tc.batch_size, gen)
+                if cfg.data.hflip:
+                    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=gen)
+                noise = torch.randn(x.shape, generator=gen)
+                x, t, noise, y = x.to(device), t.to(device), noise.to(device), labels_for(cfg, sub, sup).to(device)
+                with autocast:
+                    terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
+                loss = terms["loss"].mean() / tc.grad_accum
+                loss.backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v.mean().item() / tc.grad_accum
+            if not math.isfinite(terms_sum["loss"]):
+                raise EfditError(f"loss became {terms_sum['loss']} at step {prog['step'] + 1}: stopping; the last "
+                                 f"good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}"
+                                 f" (try a lower --lr or --grad-clip)")
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for pe, pm, tr in zip(ema_params, model_params, trainable):
+                    if tr:
+                        pe.lerp_(pm, 1 - tc.ema_decay)
+            prog["step"] += 1
+            prog["images"] += per_step
+            prog["seconds"] = time.time() - start
+            bar.update(per_step)
+            for k, v in terms_sum.items():
+                window[k] = window.get(k, 0.0) + v
+            window["n"] += 1
+            window["img"] += per_step
+
+            if prog["images"] - last["log"] >= tc.log_every:
+                dt = time.time() - window["t0"]
+                rec = {"step": prog["step"], "images": prog["images"], "lr": lr, "seconds": round(prog["seconds"], 1),
+                       "img_per_s": round(window["img"] / dt, 2)}
+                rec.update({k: window[k] / window["n"] for k in terms_sum})
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+                window = {"n": 0, "t0": time.time(), "img": 0}
+                last["log"] = prog["images"]
+            if prog["images"] - last["ckpt"] >= tc.ckpt_every:
+                save_training_state(ckpt_path, model, ema, opt, gen, prog, cfg)
+                last["ckpt"] = prog["images"]
+            if tc.sample_every and prog["images"] - last["sample"] >= tc.sample_every:
+                _sample_grid(ema, cfg, hierarchy, run_dir / "samples" / f"{prog['images'] // 1000:06d}k.png", device)
+                last["sample"] = prog["images"]
+    finally:
+        bar.close()
+        log.close()
+    save_training_state(ckpt_path, model, ema, opt, gen, prog, cfg)
+    save_model(run_dir / "model.safetensors", ema, cfg, hierarchy, input_size, channels,
+               extra={"progress": prog})
+    _sample_grid(ema, cfg, hierarchy, run_dir / "samples" / "final.png", device)
+    print(f"done: {prog['images']:,} images in {prog['seconds'] / 60:.1f} min -> {run_dir / 'model.safetensors'}")
+    return run_dir
+
+
+def _sample_grid(ema, cfg: Config, hierarchy: Hierarchy, path: Path, device) -> None:
+    from .sample import generate_per_class, save_grid
+    images, labels = generate_per_class(ema, cfg, hierarchy, per_class=min(cfg.sample.per_class, 8), device=device,
+                                        progress=False)
+    save_grid(path, images, labels, hierarchy, condition_on=cfg.model.condition_on)
+    ema.train(False)
