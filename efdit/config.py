@@ -65,7 +65,7 @@ class TrainConfig:
     log_every: int = 1_000          # images
     ckpt_every: int = 10_000        # images
     sample_every: int = 0           # images; 0 = only at the end
-    init_from: str = ""            # a base checkpoint (efdit .safetensors) to fine-tune from
+    init_from: str = ""            # a base model file to fine-tune from (a path, or a shipped name: fmnist-base)
     init_labels: str = "parent"    # new label rows when the label set changes: parent | random
     seed: int = 0
     threads: int = 0                # torch intra-op threads; 0 = torch's default
@@ -140,7 +140,7 @@ PRESETS: dict[str, dict] = {
                         "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
                         "train.batch_size": 64, "train.lr": 3e-4, "train.ema_decay": 0.995,
                         "train.total_images": 40_000, "train.minutes": 5.0, "train.ckpt_every": 20_000,
-                        "train.log_every": 2_000, "train.init_from": "efdit/assets/fmnist-base.safetensors"},
+                        "train.log_every": 2_000, "train.init_from": "fmnist-base"},
     # From scratch on Fashion-MNIST subclasses (small; for those who reproduce everything).
     "fmnist-tiny": {"data.dataset": "fmnist", "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6,
                     "model.num_heads": 4, "train.batch_size": 128, "train.lr": 1e-3, "train.warmup_images": 50_000,

@@ -110,6 +110,9 @@ def init_from_base(model, cfg: Config, hierarchy: Hierarchy, verbose: bool = Tru
     subclass at its superclass's row of a superclass-conditioned base (and the null row at the base's null
     row); `random` keeps the fresh N(0, 0.02) rows."""
     path = Path(cfg.train.init_from)
+    shipped = Path(__file__).parent / "assets" / f"{cfg.train.init_from}.safetensors"
+    if not path.is_file() and shipped.is_file():
+        path = shipped  # a shipped base named without its path, e.g. "fmnist-base"
     if not path.is_file():
         raise EfditError(f"base checkpoint not found: {path} (train one with `efdit train --preset fmnist-base` "
                          f"and export it, or pass --init-from PATH)")
@@ -145,12 +148,14 @@ def init_from_base(model, cfg: Config, hierarchy: Hierarchy, verbose: bool = Tru
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
-def train(cfg: Config, progress: bool = True, dry_run: bool = False) -> Path:
+def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=None) -> Path:
+    """Train per `cfg` (or resume its run directory). `dataset` replaces the config's data (a
+    HierarchicalDataset), e.g. for tests and notebooks."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.device)
     run_dir = run_dir_of(cfg)
-    ds = load_data(cfg, "train")
+    ds = dataset if dataset is not None else load_data(cfg, "train")
     hierarchy = ds.hierarchy
     input_size, channels = ds.image_size, ds.num_channels
     torch.manual_seed(cfg.train.seed)

@@ -2,7 +2,7 @@
 
 Every dataset, embedder, sampler and metric that needs the map takes this one object, and it is
 saved (as JSON) in every checkpoint's config. A dataset may know a deeper tree (emoji: group ->
-subgroup -> emoji); `levels` keeps it and `Hierarchy.from_levels` picks the two a model uses.
+subgroup -> emoji); the dataset keeps the full paths and `Hierarchy.from_paths` picks the two levels a model uses.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import EfditError
 
 
 @dataclass
@@ -98,7 +100,8 @@ class Hierarchy:
         return isinstance(other, Hierarchy) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"Hierarchy({self.num_sub} {self.level_names[1]}es under {self.num_super} {self.level_names[0]}es)"
+        sub, sup = self.level_names[1], self.level_names[0]
+        return f"Hierarchy({self.num_sub} {sub} classes under {self.num_super} {sup} classes)"
 
 
 def _lookup(name_or_id: str | int, names: list[str], what: str) -> int:
@@ -106,7 +109,7 @@ def _lookup(name_or_id: str | int, names: list[str], what: str) -> int:
                                        and name_or_id not in names):
         i = int(name_or_id)
         if not 0 <= i < len(names):
-            raise ValueError(f"{what} id {i} is out of range [0, {len(names)})")
+            raise EfditError(f"{what} id {i} is out of range [0, {len(names)})")
         return i
     if name_or_id in names:
         return names.index(name_or_id)
@@ -115,4 +118,4 @@ def _lookup(name_or_id: str | int, names: list[str], what: str) -> int:
         return lower[name_or_id.lower()]
     close = difflib.get_close_matches(name_or_id, names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown {what} {name_or_id!r}{hint}")
+    raise EfditError(f"unknown {what} {name_or_id!r}{hint}")

@@ -1,0 +1,147 @@
+"""`efdit` command line: train, sample, evaluate, demo, presets.
+
+Every subcommand takes `--key value` overrides of the config (see `efdit presets` and `--dry-run`). Bad input
+ends with a one-line `efdit: error: …`, no traceback (set EFDIT_DEBUG=1 for one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import EfditError
+
+USAGE = """efdit <command> [options] [--key value ...]
+
+commands:
+  train     train or fine-tune a DiT (rerun the same command to resume)
+  sample    sample a trained model: a labelled grid per superclass, PNGs and an .npz
+  evaluate  FD-EffNetLite0, KID, precision/recall and class accuracy of a model's samples
+  demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
+  presets   list the named presets
+
+`efdit <command> --help` for the options of one command."""
+
+
+def _parser(cmd: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"efdit {cmd}", description=description,
+                                   epilog="Any config field can be overridden with --key value (e.g. --lr 3e-4, "
+                                          "--model.depth 8); `efdit presets` lists presets.")
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .config import build_config, parse_override_args
+    from .train import train
+    p = _parser("train", "Train or fine-tune a DiT. Rerunning the same command resumes from the last checkpoint.")
+    p.add_argument("--preset", default="fmnist-tiny", help="named preset (default: fmnist-tiny)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="print the resolved config and parameter counts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, rest = p.parse_known_args(argv)
+    cfg = build_config(args.preset, parse_override_args(rest))
+    train(cfg, progress=not args.no_progress, dry_run=args.dry_run)
+    return 0
+
+
+def parse_classes(spec: str, names: list[str], what: str) -> list[int]:
+    from .data.hierarchy import _lookup
+    return [_lookup(s.strip(), names, what) for s in spec.split(",") if s.strip()]
+
+
+def cmd_sample(argv: list[str]) -> int:
+    from .config import apply_overrides, parse_override_args
+    from .models.dit import resolve_device
+    from .runs import load_model
+    from .sample import generate, save_grid, save_samples
+    import torch
+    p = _parser("sample", "Sample a trained efdit model (model.safetensors of a run).")
+    p.add_argument("model", help="an efdit model file, or a run directory holding model.safetensors")
+    p.add_argument("--classes", default="", help="comma-separated class names or ids (default: all)")
+    p.add_argument("--superclass", default="", help="comma-separated superclasses: sample all their subclasses")
+    p.add_argument("--per-class", type=int, default=None, help="samples per class (default: the config's)")
+    p.add_argument("--out", default="", help="output folder (default: <run>/samples/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    path = Path(args.model)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    device = resolve_device(os.environ.get("EFDIT_DEVICE", "auto"))
+    model, cfg, h, _ = load_model(path, device)
+    apply_overrides(cfg, {f"sample.{k}" if "." not in k else k: v for k, v in parse_override_args(rest).items()})
+    names = h.sub_names if cfg.model.condition_on == "sub" else h.super_names
+    what = "subclass" if cfg.model.condition_on == "sub" else "superclass"
+    classes = parse_classes(args.classes, names, what) if args.classes else []
+    if args.superclass:
+        for s in parse_classes(args.superclass, h.super_names, "superclass"):
+            classes += h.children(s) if cfg.model.condition_on == "sub" else [s]
+    classes = classes or list(range(len(names)))
+    per_class = args.per_class or cfg.sample.per_class
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
+    import time
+    out = Path(args.out) if args.out else path.parent / "samples" / time.strftime("%Y%m%d-%H%M%S")
+    save_grid(out / "grid.png", images, labels, h, cfg.model.condition_on)
+    npz = save_samples(out, images, labels, h, cfg.model.condition_on)
+    print(f"{len(images)} samples -> {out / 'grid.png'}, {out / 'png'}/, {npz}")
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .metrics.evaluate import main as evaluate_main
+    return evaluate_main(argv)
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from .demo import run_demo
+    p = _parser("demo", "Fine-tune the shipped Fashion-MNIST base onto the 10 subclasses, sample every class, "
+                        "evaluate and write runs/demo/report.html.")
+    p.add_argument("--from-scratch", action="store_true", help="train without the shipped base checkpoint")
+    p.add_argument("--minutes", type=float, default=None, help="fine-tuning budget in minutes")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier demo run first (default: reuse it)")
+    p.add_argument("--no-progress", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    from .config import parse_override_args
+    run_demo(Path(args.run_dir), from_scratch=args.from_scratch, minutes=args.minutes,
+             overrides=parse_override_args(rest), progress=not args.no_progress,
+             fresh=args.fresh)
+    return 0
+
+
+def cmd_presets(argv: list[str]) -> int:
+    from .config import PRESETS
+    for name, ov in PRESETS.items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in ov.items()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(cmd, COMMANDS, n=2)
+        print(f"efdit: error: unknown command {cmd!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+              + f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest) or 0
+    except EfditError as e:
+        if os.environ.get("EFDIT_DEBUG"):
+            raise
+        print(f"efdit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("efdit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
