@@ -3,7 +3,7 @@
 #   make test   -- install, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,data,fid
+EXTRAS ?= test,data,fid,lora
 
 .PHONY: setup data test demo clean
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

@@ -19,6 +19,7 @@ commands:
   sample    sample a trained model: a labelled grid per superclass, PNGs and an .npz
   evaluate  FD-EffNetLite0, KID, precision/recall and class accuracy of a model's samples
   demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
+  export    write a run's EMA model as a standalone (fp16) model file
   presets   list the named presets
 
 `efdit <command> --help` for the options of one command."""
@@ -108,6 +109,18 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    from .runs import export_model
+    p = _parser("export", "Write a run's EMA model as a standalone model file (e.g. fp16 for shipping).")
+    p.add_argument("run", help="a run directory, its model.safetensors, or its checkpoints/latest.safetensors")
+    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    args = p.parse_args(argv)
+    out = export_model(Path(args.run), Path(args.out), args.dtype)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_presets(argv: list[str]) -> int:
     from .config import PRESETS
     for name, ov in PRESETS.items():
@@ -116,7 +129,7 @@ def cmd_presets(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "presets": cmd_presets}
+            "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,12 @@ class ModelConfig:
     pos_embed: str = "sincos"      # sincos | learned
     attn_backend: str = "sdpa"
     condition_on: str = "sub"      # which label the model is conditioned on: sub | super
+    embedder: str = "flat"         # flat (DiT's label table) | tiered (EFDiT's Tiered Embedder; sub only)
+    tiered_mode: str = "sum"       # sum (E_sub[y] + E_sup[π(y)]) | finediffusion (one table, FineDiffusion)
+    null_prob: float = 0.0         # tiered sum: rarer second drop to a fully null label (enables null CFG)
+    peft: str = "full"             # full | bitfit | difffit | finediffusion | efdit | lora (what trains)
+    lora_rank: int = 8
+    difffit_blocks: str = "all"    # all | first_half
 
 
 @dataclass
@@ -76,7 +82,7 @@ class SampleConfig:
     sampler: str = "ddim"          # ddpm | ddim
     steps: str = "50"              # respacing: "250", "ddim50", "50"
     eta: float = 0.0
-    guidance: str = "cfg"          # none | cfg | super | two_term
+    guidance: str = "auto"         # auto (cfg for flat, super for tiered embedders) | none | cfg | super | two_term
     cfg_scale: float = 2.0
     cfg_scale_super: float = 1.0
     cfg_channels: str = "all"      # all | first3

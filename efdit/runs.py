@@ -33,7 +33,24 @@ def model_kwargs(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int],
 
 
 def build_model(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], channels: int) -> DiT:
-    return DiT(**model_kwargs(cfg, hierarchy, input_size, channels))
+    """The DiT a config describes: label embedder (flat or tiered) and PEFT modules included.
+
+    `model.peft_added` lists the tensors PEFT added (absent from a base checkpoint; identity-initialised)."""
+    from .models.embedders import TieredEmbedder
+    from .models.peft import apply_peft
+    kw = model_kwargs(cfg, hierarchy, input_size, channels)
+    m = cfg.model
+    if m.embedder == "tiered":
+        if m.condition_on != "sub":
+            raise EfditError("the tiered embedder conditions on subclasses: use --condition-on sub")
+        kw["y_embedder"] = TieredEmbedder(hierarchy.num_sub, hierarchy.num_super, hierarchy.parent, kw["hidden_size"],
+                                          m.class_dropout_prob,
+                                          mode=m.tiered_mode, null_prob=m.null_prob)
+    elif m.embedder != "flat":
+        raise EfditError(f"model.embedder must be flat | tiered, not {m.embedder!r}")
+    model = DiT(**kw)
+    model.peft_added = apply_peft(model, m.peft, lora_rank=m.lora_rank, difffit_blocks=m.difffit_blocks)
+    return model
 
 
 def build_diffusion(cfg: Config, respacing: str | None = None):
@@ -66,3 +83,27 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     load_state_dict_checked(model, {k: v.float() for k, v in tensors.items()}, source=Path(path).name, verbose=False)
     meta["sha256"] = file_sha256(path)
     return model.to(device).eval(), cfg, hierarchy, meta
+
+
+def export_model(run: Path, out: Path, dtype: str = "fp16") -> Path:
+    """A run's EMA weights as a model file. `run`: a run directory, a model file or a training-state file
+    (then the hierarchy and input size are rebuilt from the config's dataset)."""
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    run = Path(run)
+    if run.is_dir():
+        run = run / "model.safetensors" if (run / "model.safetensors").is_file() else \
+            run / "checkpoints" / "latest.safetensors"
+    tensors, meta, _ = load_safetensors(run)
+    cfg = Config.from_dict(meta["config"])
+    if meta.get("kind") == "training-state":
+        from .train import load_data
+        ds = load_data(cfg)
+        hierarchy, input_size, channels = ds.hierarchy, ds.image_size, ds.num_channels
+        weights = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    else:
+        hierarchy = Hierarchy.from_dict(meta["hierarchy"])
+        input_size, channels, weights = tuple(meta["input_size"]), meta["channels"], tensors
+    model = build_model(cfg, hierarchy, input_size, channels)
+    load_state_dict_checked(model, {k: v.float() for k, v in weights.items()}, source=run.name, verbose=False)
+    return save_model(out, model, cfg, hierarchy, input_size, channels, dtype=dt,
+                      extra={"progress": meta.get("progress", {}), "exported_from": str(run)})

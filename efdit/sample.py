@@ -16,7 +16,11 @@ from .runs import build_diffusion
 
 def guidance_of(cfg: Config) -> Guidance:
     s = cfg.sample
-    mode = s.guidance if s.cfg_scale != 1.0 or s.guidance == "two_term" else "none"
+    mode = s.guidance
+    if mode == "auto":
+        mode = "super" if cfg.model.embedder == "tiered" else "cfg"
+    if s.cfg_scale == 1.0 and mode != "two_term":
+        mode = "none"
     return Guidance(mode, s.cfg_scale, s.cfg_scale_super, s.cfg_channels)
 
 

@@ -23,6 +23,7 @@ from .data.hierarchy import Hierarchy
 from .errors import EfditError
 from .models.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from .models.dit import count_params, resolve_device
+from .models.peft import parameter_report
 from .runs import build_diffusion, build_model, labels_for, load_model, save_model
 
 # Fields that may change between a run and its resumption (budgets, intervals, the device).
@@ -106,9 +107,10 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # ---- fine-tuning from a base model ----------------------------------------------------------------------
 def init_from_base(model, cfg: Config, hierarchy: Hierarchy, verbose: bool = True) -> list[str]:
-    """Load a base model file into `model`. A changed label set gets new label rows: `parent` starts every
-    subclass at its superclass's row of a superclass-conditioned base (and the null row at the base's null
-    row); `random` keeps the fresh N(0, 0.02) rows."""
+    """Load a base model file into `model` (fine-tuning). What PEFT added starts at its identity. A changed label
+    set gets new label tables: with `init_labels=parent` and a superclass-conditioned base, each new row starts at
+    its superclass's base row (tiered `sum`: E_sup = base rows, E_sub = 0), so the fine-tuned model starts as the
+    base; with `random` they keep their fresh N(0, 0.02) initialisation."""
     path = Path(cfg.train.init_from)
     shipped = Path(__file__).parent / "assets" / f"{cfg.train.init_from}.safetensors"
     if not path.is_file() and shipped.is_file():
@@ -122,29 +124,50 @@ def init_from_base(model, cfg: Config, hierarchy: Hierarchy, verbose: bool = Tru
     sd = {k: v.float() for k, v in tensors.items()}
     base_cfg = Config.from_dict(meta["config"])
     base_h = Hierarchy.from_dict(meta["hierarchy"])
-    table = "y_embedder.embedding_table.weight"
-    same_labels = sd[table].shape == model.state_dict()[table].shape and \
-        base_cfg.model.condition_on == cfg.model.condition_on and base_h == hierarchy
-    reinit = load_state_dict_checked(model, sd, replace_label_table=not same_labels, source=path.name,
-                                     verbose=False)
-    if not same_labels and cfg.train.init_labels == "parent":
-        if base_cfg.model.condition_on != "super" or base_h.super_names != hierarchy.super_names:
-            raise EfditError("init_labels=parent needs a base conditioned on the same superclasses "
+    own = model.state_dict()
+    same_labels = base_h == hierarchy and all(k in own and own[k].shape == v.shape
+                                              for k, v in sd.items() if k.startswith("y_embedder."))
+    same_labels = same_labels and (base_cfg.model.condition_on, base_cfg.model.embedder) == \
+        (cfg.model.condition_on, cfg.model.embedder)
+    added = tuple(getattr(model, "peft_added", ()))
+    reinit = load_state_dict_checked(model, sd, replace_label_table=not same_labels, allow_missing=added,
+                                     source=path.name, verbose=False)
+    if added and verbose:
+        print(f"{len(added)} PEFT tensors start at their identity ({cfg.model.peft}): {', '.join(added[:4])}"
+              + (", …" if len(added) > 4 else ""))
+    if same_labels:
+        return reinit
+    if cfg.train.init_labels == "parent":
+        if (base_cfg.model.condition_on, base_cfg.model.embedder) != ("super", "flat") or \
+                base_h.super_names != hierarchy.super_names:
+            raise EfditError("init_labels=parent needs a flat base conditioned on the same superclasses "
                              "(use --init-labels random)")
-        base_table = sd[table]  # (num_super + 1, D): superclass rows, then the null row
-        with torch.no_grad():
-            new = model.y_embedder.embedding_table.weight
-            n = new.shape[0] - int(model.y_embedder.has_null)
-            rows = hierarchy.parent if cfg.model.condition_on == "sub" else torch.arange(hierarchy.num_super)
-            new[:n].copy_(base_table[rows[:n]])
-            if model.y_embedder.has_null and base_table.shape[0] > hierarchy.num_super:
-                new[n].copy_(base_table[hierarchy.num_super])
+        _labels_from_superclass_rows(model.y_embedder, sd["y_embedder.embedding_table.weight"], hierarchy)
         if verbose:
-            print(f"label table: {n} {cfg.model.condition_on}class rows initialised from their superclass rows "
-                  f"of {path.name}")
-    elif verbose and reinit:
-        print(f"re-initialised (not in {path.name}): {', '.join(reinit)}")
+            print(f"label tables ({cfg.model.embedder}) initialised from the superclass rows of {path.name}")
+    elif verbose:
+        print(f"re-initialised (not in {path.name}): {', '.join(k for k in reinit if k.startswith('y_embedder'))}")
     return reinit
+
+
+@torch.no_grad()
+def _labels_from_superclass_rows(emb, base_table: torch.Tensor, h: Hierarchy) -> None:
+    """base_table: (P [+1 null], D) of a flat superclass-conditioned base."""
+    sup, null = base_table[:h.num_super], (base_table[h.num_super] if base_table.shape[0] > h.num_super else None)
+    if hasattr(emb, "sub_table"):                      # tiered, sum: y = E_sub[y] + E_sup[π(y)]
+        emb.super_table.weight.copy_(sup)
+        emb.sub_table.weight.zero_()
+        if emb.null_embedding is not None and null is not None:
+            emb.null_embedding.copy_(null)
+    elif hasattr(emb, "parent"):                       # tiered, finediffusion: [sub rows | super rows]
+        emb.embedding_table.weight[:h.num_sub].copy_(sup[h.parent])
+        emb.embedding_table.weight[h.num_sub:].copy_(sup)
+    else:                                              # flat
+        n = emb.num_classes
+        rows = h.parent if n == h.num_sub else torch.arange(h.num_super)
+        emb.embedding_table.weight[:n].copy_(sup[rows])
+        if emb.has_null and null is not None:
+            emb.embedding_table.weight[n].copy_(null)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -161,12 +184,13 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, hierarchy, input_size, channels)
     model.grad_checkpointing = cfg.train.grad_checkpointing
-    n_params = count_params(model, exclude=("pos_embed",))
+    n_params = count_params(model)
     n_train = count_params(model, trainable_only=True)
     if dry_run:
         print(cfg.to_json())
         print(f"dataset: {ds.name} ({len(ds)} images, {hierarchy}), input {channels}x{input_size[0]}x{input_size[1]}")
-        print(f"model: {n_params:,} parameters ({n_train:,} trainable), {len(model.blocks)} blocks, "
+        print(f"model: {n_params:,} parameters ({n_train:,} trainable, {100 * n_train / n_params:.4f}%, "
+              f"peft={cfg.model.peft}, embedder={cfg.model.embedder}), {len(model.blocks)} blocks, "
               f"{model.x_embedder.num_patches} tokens")
         print(f"run directory: {run_dir}")
         return run_dir
@@ -177,6 +201,8 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     resumed = ckpt_path.is_file()
     if not resumed and cfg.train.init_from:
         init_from_base(model, cfg, hierarchy)
+    if cfg.model.peft != "full" or cfg.train.init_from:
+        print(f"{cfg.model.peft}: {parameter_report(model)}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

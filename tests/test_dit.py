@@ -95,7 +95,7 @@ def test_label_dropout_uses_null_id_from_num_classes():
     dropped = emb.token_drop(torch.arange(7), force_drop_ids=torch.ones(7, dtype=torch.long))
     assert torch.equal(dropped, torch.full((7,), 7))
     no_null = tiny(class_dropout_prob=0.0).y_embedder
-    with pytest.raises(ValueError, match="no null class"):
+    with pytest.raises(EfditError, match="no null class"):
         no_null.null_labels(torch.arange(3))
 
 

@@ -60,14 +60,19 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        # DiffFit's learnable branch scales (added by models.peft; None = absent, no state-dict keys)
+        self.gamma_attn: nn.Parameter | None = None
+        self.gamma_mlp: nn.Parameter | None = None
 
     def attn_branch(self, x, mod, grid=None):
         shift_msa, scale_msa, gate_msa = mod[0], mod[1], mod[2]
-        return gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid=grid)
+        out = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid=grid)
+        return out if self.gamma_attn is None else out * self.gamma_attn
 
     def mlp_branch(self, x, mod):
         shift_mlp, scale_mlp, gate_mlp = mod[3], mod[4], mod[5]
-        return gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        out = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return out if self.gamma_mlp is None else out * self.gamma_mlp
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid=None, block_cache=None, index: int = 0):
         # x: (N, T, D), c: (N, D)

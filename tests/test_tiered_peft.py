@@ -1,0 +1,155 @@
+"""Tiered Embedder, superclass-guided CFG and PEFT presets."""
+import pytest
+import torch
+
+from efdit.config import build_config
+from efdit.diffusion import Guidance
+from efdit.diffusion.samplers import _model_forward
+from efdit.errors import EfditError
+from efdit.models.dit import DiT, build_dit
+from efdit.models.embedders import TieredEmbedder
+from efdit.models.peft import apply_peft, parameter_report
+
+PARENT = torch.tensor([0, 0, 1, 1, 1, 2])  # 6 subclasses under 3 superclasses
+
+
+def tiny(y_embedder=None, **kw):
+    cfg = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=6)
+    cfg.update(kw)
+    return DiT(**cfg, y_embedder=y_embedder)
+
+
+def randomize(m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+@pytest.mark.parametrize("mode", ["finediffusion", "sum"])
+@pytest.mark.parametrize("ns,npar,trainable,total", [(10000, 11, 12_153_632, 685_640_480), (292, 25, 986_144, 674_472_992)])
+def test_finediffusion_rule_parameter_counts(mode, ns, npar, trainable, total):
+    parent = torch.arange(ns) % npar
+    with torch.device("meta"):
+        te = TieredEmbedder(ns, npar, parent, 1152, mode=mode)
+        m = build_dit("DiT-XL/2", input_size=32, y_embedder=te)
+        apply_peft(m, "efdit")
+    assert sum(p.numel() for p in m.parameters()) == total
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == trainable
+    if ns == 10000:
+        assert "1.7726%" in parameter_report(m)
+
+
+def test_sum_mode_embeds_sub_plus_super_and_superclass_labels():
+    te = TieredEmbedder(6, 3, PARENT, 8, dropout_prob=0.0, mode="sum", null_prob=0.1)
+    y = torch.tensor([0, 4, 5])
+    emb = te(y, train=False)
+    torch.testing.assert_close(emb, te.sub_table.weight[y] + te.super_table.weight[PARENT[y]])
+    sup = te.super_labels(y)
+    assert sup.tolist() == [6, 7, 8]
+    torch.testing.assert_close(te(sup, train=False), te.super_table.weight[PARENT[y]])
+    torch.testing.assert_close(te(te.null_labels(y), train=False), te.null_embedding.expand(3, 8))
+
+
+@pytest.mark.parametrize("mode,null", [("finediffusion", 0.0), ("sum", 0.0), ("sum", 0.2)])
+def test_dropout_never_yields_a_subclass_of_another_superclass(mode, null):
+    te = TieredEmbedder(6, 3, PARENT, 8, dropout_prob=0.5, mode=mode, null_prob=null)
+    y = torch.randint(0, 6, (5000,))
+    out = te.token_drop(y)
+    kept = out == y
+    to_super = out == te.super_labels(y)
+    to_null = out == te.null_id
+    assert (kept | to_super | (to_null if null else torch.zeros_like(kept))).all()
+    assert abs(to_super.float().mean() - 0.5 * (1 - null)) < 0.05 and not (out[~kept & ~to_null] < 6).any()
+    assert (to_null.float().mean() > 0.1) == (null > 0)
+
+
+def test_finediffusion_mode_has_no_null_label():
+    te = TieredEmbedder(6, 3, PARENT, 8, mode="finediffusion")
+    with pytest.raises(EfditError, match="no null label"):
+        te.null_labels(torch.tensor([0]))
+    with pytest.raises(ValueError, match="finediffusion has no null row"):
+        TieredEmbedder(6, 3, PARENT, 8, mode="finediffusion", null_prob=0.1)
+
+
+@pytest.mark.parametrize("mode", ["finediffusion", "sum"])
+def test_superclass_cfg_scale_one_equals_subclass_prediction(mode):
+    m = randomize(tiny(TieredEmbedder(6, 3, PARENT, 32, mode=mode)))
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([5, 100, 500, 900]), torch.tensor([0, 2, 3, 5])
+    out = _model_forward(m, x, t, y, Guidance("super", 1.0), {}, None, 1)
+    torch.testing.assert_close(out, m(x, t, y), rtol=1e-5, atol=1e-6)
+    out4 = _model_forward(m, x, t, y, Guidance("super", 4.0), {}, None, 1)
+    e_sup = m(x, t, m.y_embedder.super_labels(y))[:, :1]
+    torch.testing.assert_close(out4[:, :1], e_sup + 4 * (m(x, t, y)[:, :1] - e_sup), rtol=1e-4, atol=1e-5)
+
+
+def test_two_term_guidance_batches_three_branches():
+    m = randomize(tiny(TieredEmbedder(6, 3, PARENT, 32, mode="sum", null_prob=0.1)))
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    _model_forward(m, torch.randn(2, 1, 8, 8), torch.tensor([5, 5]), torch.tensor([1, 4]),
+                   Guidance("two_term", 3.0, 2.0), {}, None, 1)
+    assert seen[-1].tolist() == [1, 4, 6, 7, 9, 9]
+
+
+@pytest.mark.parametrize("preset", ["bitfit", "difffit", "finediffusion", "efdit", "lora"])
+def test_peft_adds_identity_modules_and_freezes_the_rest(preset):
+    m = randomize(tiny())
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 4])
+    before = m(x, t, y)
+    frozen_before = {k: v.clone() for k, v in m.state_dict().items()}
+    added = apply_peft(m, preset, lora_rank=2)
+    m.eval()
+    torch.testing.assert_close(m(x, t, y), before, rtol=1e-5, atol=1e-6)  # identity start
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "y_embedder.embedding_table.weight" in trainable and "pos_embed" not in trainable
+    assert not any(n.endswith("qkv.weight") or n.endswith("base_layer.weight") for n in trainable)
+    if preset == "lora":
+        D = 32
+        per_block = 2 * (D + 3 * D) + 2 * (D + D) + 2 * (D + 4 * D) + 2 * (4 * D + D)  # r * (in + out), r = 2
+        assert sum(m.state_dict()[k].numel() for k in added) == 2 * per_block
+        assert all("lora_" in n for n in trainable if not n.startswith("y_embedder"))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m.train()
+    m(x, t, y).square().mean().backward()
+    opt.step()
+    after = m.state_dict()
+    changed = {k for k in frozen_before for k2 in after if k2.replace("base_layer.", "") == k
+               and not torch.equal(frozen_before[k], after[k2])}
+    assert changed, "nothing trained"
+    for k in changed:
+        assert k.startswith("y_embedder.") or k.endswith(".bias"), k  # base weights unchanged
+
+
+def test_unknown_peft_preset():
+    with pytest.raises(EfditError, match="did you mean difffit"):
+        apply_peft(tiny(), "diffit")
+
+
+def test_finetune_from_a_checkpoint_with_another_class_count(tmp_path):
+    from efdit.runs import export_model, load_model
+    from efdit.train import train
+    base = build_config("digits-tiny", {"run_dir": str(tmp_path / "base"), "total_images": 320,
+                                        "condition_on": "super", "threads": 1})
+    train(base, progress=False)
+    base_model, _, h, _ = load_model(tmp_path / "base" / "model.safetensors")
+    assert base_model.y_embedder.num_classes == 3
+    ft = build_config("digits-tiny", {"run_dir": str(tmp_path / "ft"), "total_images": 0, "embedder": "tiered",
+                                      "peft": "efdit", "init_from": str(tmp_path / "base" / "model.safetensors"),
+                                      "threads": 1})
+    train(ft, progress=False)  # zero budget: the saved model is the initialisation itself
+    model, cfg, h2, _ = load_model(tmp_path / "ft" / "model.safetensors")
+    assert h2 == h and model.y_embedder.num_classes == 10
+    x, t = torch.randn(10, 1, 8, 8), torch.full((10,), 300)
+    sub = torch.arange(10)
+    # every subclass starts exactly where its superclass was in the base model
+    torch.testing.assert_close(model(x, t, sub), base_model(x, t, h.parent[sub]), rtol=1e-4, atol=1e-5)
+    ft.train.total_images = 320
+    ft.run_dir = str(tmp_path / "ft2")
+    train(ft, progress=False)
+    model2, _, _, _ = load_model(tmp_path / "ft2" / "model.safetensors")
+    base_sd = base_model.state_dict()
+    for k, v in model2.state_dict().items():
+        if k.endswith(".weight") and k in base_sd and "norm" not in k and not k.startswith("y_embedder"):
+            assert torch.equal(v, base_sd[k]), k  # frozen under the efdit preset
