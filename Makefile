@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test,data,fid,lora
 
-.PHONY: setup data test demo clean
+.PHONY: setup data data-all test demo clean
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 
@@ -19,7 +19,10 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt
 data:
 	@bash scripts/install_data.sh
 
-test: setup data
+data-all:
+	@bash scripts/install_data.sh --emoji
+
+test: setup data-all
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
