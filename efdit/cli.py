@@ -18,6 +18,7 @@ commands:
   train     train or fine-tune a DiT (rerun the same command to resume)
   sample    sample a trained model: a labelled grid per superclass, PNGs and an .npz
   evaluate  FD-EffNetLite0, KID, precision/recall and class accuracy of a model's samples
+  ablate    fine-tuning variants at an equal budget, evaluated, as a Markdown table
   demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
   export    write a run's EMA model as a standalone (fp16) model file
   presets   list the named presets
@@ -92,6 +93,11 @@ def cmd_evaluate(argv: list[str]) -> int:
     return evaluate_main(argv)
 
 
+def cmd_ablate(argv: list[str]) -> int:
+    from .ablate import main as ablate_main
+    return ablate_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from .demo import run_demo
     p = _parser("demo", "Fine-tune the shipped Fashion-MNIST base onto the 10 subclasses, sample every class, "
@@ -128,7 +134,7 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "ablate": cmd_ablate, "demo": cmd_demo,
             "export": cmd_export, "presets": cmd_presets}
 
 

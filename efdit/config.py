@@ -62,6 +62,7 @@ class TrainConfig:
     warmup_images: int = 0
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True         # decay_t = min(ema_decay, (1 + step) / (10 + step)): early EMA tracks the model
     grad_clip: float = 1.0          # 0 = off
     grad_accum: int = 1
     precision: str = "fp32"        # fp32 | bf16

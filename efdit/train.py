@@ -26,7 +26,7 @@ from .models.dit import count_params, resolve_device
 from .models.peft import parameter_report
 from .runs import build_diffusion, build_model, labels_for, load_model, save_model
 
-# Fields that may change between a run and its resumption (budgets, intervals, the device).
+# Fields that may change between a run and its resumption (budgets, intervals, the device; sample.* too).
 RESUMABLE_CHANGES = ("train.total_images", "train.minutes", "train.log_every", "train.ckpt_every",
                      "train.sample_every", "train.threads", "device", "run_dir")
 
@@ -100,7 +100,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         p = f"{prefix}{k}"
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
             out += _config_diff(a[k], b[k], p + ".")
-        elif a.get(k) != b.get(k) and p not in RESUMABLE_CHANGES:
+        elif k in a and a.get(k) != b.get(k) and p not in RESUMABLE_CHANGES and not p.startswith("sample."):  # (fields newer than the run: kept)
             out.append(f"{p}: {a.get(k)!r} -> {b.get(k)!r}")
     return out
 
@@ -261,10 +261,11 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            decay = min(tc.ema_decay, (1 + prog["step"]) / (10 + prog["step"])) if tc.ema_warmup else tc.ema_decay
             with torch.no_grad():
                 for pe, pm, tr in zip(ema_params, model_params, trainable):
                     if tr:
-                        pe.lerp_(pm, 1 - tc.ema_decay)
+                        pe.lerp_(pm, 1 - decay)
             prog["step"] += 1
             prog["images"] += per_step
             prog["seconds"] = time.time() - start

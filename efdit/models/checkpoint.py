@@ -138,6 +138,9 @@ def load_official_dit(path: str | os.PathLike, num_classes: int | None = None, y
 def _atomic_path(path: Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file the usual mode
     return Path(tmp)
 
 
