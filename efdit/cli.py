@@ -69,7 +69,9 @@ def cmd_sample(argv: list[str]) -> int:
         path = path / "model.safetensors"
     device = resolve_device(os.environ.get("EFDIT_DEVICE", "auto"))
     model, cfg, h, _ = load_model(path, device)
-    apply_overrides(cfg, {f"sample.{k}" if "." not in k else k: v for k, v in parse_override_args(rest).items()})
+    apply_overrides(cfg, sample_overrides(parse_override_args(rest)))
+    from .runs import apply_attention
+    apply_attention(model, cfg)
     names = h.sub_names if cfg.model.condition_on == "sub" else h.super_names
     what = "subclass" if cfg.model.condition_on == "sub" else "superclass"
     classes = parse_classes(args.classes, names, what) if args.classes else []
@@ -86,6 +88,12 @@ def cmd_sample(argv: list[str]) -> int:
     npz = save_samples(out, images, labels, h, cfg.model.condition_on)
     print(f"{len(images)} samples -> {out / 'grid.png'}, {out / 'png'}/, {npz}")
     return 0
+
+
+def sample_overrides(ov: dict) -> dict:
+    """Sampling-time options: bare keys are sample.* fields; --attn / --attn-kw switch the attention backend."""
+    alias = {"attn": "model.attn_backend", "attn_kw": "model.attn_kwargs", "attn-kw": "model.attn_kwargs"}
+    return {alias.get(k, k if "." in k else f"sample.{k}"): v for k, v in ov.items()}
 
 
 def cmd_evaluate(argv: list[str]) -> int:

@@ -25,7 +25,8 @@ class ModelConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     pos_embed: str = "sincos"      # sincos | learned
-    attn_backend: str = "sdpa"
+    attn_backend: str = "sdpa"     # sdpa | math | proxy (EFDiT ProAttention, pooled proxy) | robust (ProTransformer IRLS)
+    attn_kwargs: str = ""          # backend options, e.g. "pool=4" or "penalty=mcp,iters=3,gamma=4"
     condition_on: str = "sub"      # which label the model is conditioned on: sub | super
     embedder: str = "flat"         # flat (DiT's label table) | tiered (EFDiT's Tiered Embedder; sub only)
     tiered_mode: str = "sum"       # sum (E_sub[y] + E_sup[π(y)]) | finediffusion (one table, FineDiffusion)
@@ -90,6 +91,7 @@ class SampleConfig:
     clip_x0: bool = True           # clip predicted x0 to [-1, 1] (pixel space)
     per_class: int = 8
     seed: int = 0
+    hrig: str = ""                 # HRIG hook spec, e.g. "band=259:673,r=2,cutoff=0.25,gain=-0.3" ("" = off)
 
 
 @dataclass
@@ -269,3 +271,21 @@ def _is_number(s: str) -> bool:
 def build_config(preset: str | None, overrides: dict) -> Config:
     cfg = get_preset(preset) if preset else Config()
     return apply_overrides(cfg, overrides)
+
+
+def parse_kv(spec: str) -> dict:
+    """"pool=4,mode=kv" -> {"pool": 4, "mode": "kv"} (ints, floats, true/false, else strings)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" not in part:
+            raise EfditError(f"expected key=value in {spec!r}, got {part!r}")
+        k, v = (x.strip() for x in part.split("=", 1))
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out

@@ -49,7 +49,18 @@ def build_model(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], 
     elif m.embedder != "flat":
         raise EfditError(f"model.embedder must be flat | tiered, not {m.embedder!r}")
     model = DiT(**kw)
+    apply_attention(model, cfg)
     model.peft_added = apply_peft(model, m.peft, lora_rank=m.lora_rank, difffit_blocks=m.difffit_blocks)
+    return model
+
+
+def apply_attention(model: DiT, cfg: Config) -> DiT:
+    """Switch every block to the config's attention backend (the state dict is unchanged)."""
+    from .config import parse_kv
+    try:
+        model.set_attention_backend(cfg.model.attn_backend, **parse_kv(cfg.model.attn_kwargs))
+    except (ValueError, TypeError) as e:
+        raise EfditError(f"attention backend {cfg.model.attn_backend!r}: {e}") from None
     return model
 
 

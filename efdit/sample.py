@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import Config
 from .data.hierarchy import Hierarchy
 from .diffusion import Guidance, sample
+from .errors import EfditError
 from .runs import build_diffusion
 
 
@@ -30,6 +31,7 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
     """Samples for `labels` (ids in the model's label space) -> uint8 (N, C, H, W)."""
     s = cfg.sample
     diffusion = build_diffusion(cfg, s.steps)
+    hooks = list(hooks) + hrig_hooks(cfg)
     gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
     out = []
     for i in range(0, len(labels), batch_size):
@@ -38,6 +40,17 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
                    generator=gen, clip_x0=s.clip_x0, progress=progress)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+def hrig_hooks(cfg: Config) -> list:
+    spec = cfg.sample.hrig.strip()
+    if spec.lower() in ("", "off", "none"):
+        return []
+    from .diffusion.hooks.hrig import HRIG
+    try:
+        return [HRIG.from_spec(spec)]
+    except ValueError as e:
+        raise EfditError(f"--hrig {spec!r}: {e}") from None
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,20 @@ def test_sample_command_writes_grid_pngs_and_npz(tmp_path, capsys):
     assert data["arr_0"].shape == (10, 8, 8, 1) and data["arr_0"].dtype == np.uint8
     assert sorted(set(data["labels"].tolist())) == [0, 2, 3, 5, 7]
     assert (out / "grid.png").is_file() and len(list((out / "png").rglob("*.png"))) == 10
+
+
+def test_sample_with_proattention_and_hrig_from_the_cli(tmp_path, capsys):
+    cfg = build_config("digits-tiny", {"run_dir": str(tmp_path / "run"), "total_images": 64, "threads": 1})
+    train(cfg, progress=False)
+    args = ["sample", str(tmp_path / "run"), "--classes", "1", "--per-class", "2", "--steps", "10", "--no-progress"]
+    assert cli_main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert cli_main(args + ["--out", str(tmp_path / "b"), "--attn", "proxy", "--attn-kw", "pool=2",
+                            "--hrig", "band=0:999,gain=-0.5"]) == 0
+    a, b = np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert cli_main(args + ["--out", str(tmp_path / "c"), "--hrig", "gain=0"]) == 0  # λ = 0: bit-identical
+    assert np.array_equal(np.load(tmp_path / "c" / "samples.npz")["arr_0"], a)
+    assert cli_main(args + ["--attn", "nope"]) == 2
+    assert "unknown attention backend 'nope'" in capsys.readouterr().err
+    assert cli_main(args + ["--hrig", "gian=1"]) == 2
+    assert "--hrig" in capsys.readouterr().err

@@ -238,7 +238,10 @@ def main(argv: list[str]) -> int:
     path = path / "model.safetensors" if path.is_dir() else path
     device = resolve_device(os.environ.get("EFDIT_DEVICE", "auto"))
     model, cfg, h, meta = load_model(path, device)
-    apply_overrides(cfg, {f"sample.{k}" if "." not in k else k: v for k, v in parse_override_args(rest).items()})
+    from ..cli import sample_overrides
+    from ..runs import apply_attention
+    apply_overrides(cfg, sample_overrides(parse_override_args(rest)))
+    apply_attention(model, cfg)
     images = labels = None
     if args.npz:
         data = np.load(args.npz)
