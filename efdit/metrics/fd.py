@@ -10,10 +10,21 @@ inputs (numpy or torch, any float dtype) to float64 and check shapes.
 """
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import torch
 
 from efdit.errors import EfditError
+
+
+def torch_fidelity_module(name: str):
+    """Import torch_fidelity.<name> on first use (it pulls in torchvision); EfditError if not installed."""
+    try:
+        return importlib.import_module(f"torch_fidelity.{name}")
+    except ImportError:
+        raise EfditError("these metrics use torch-fidelity's estimators: "
+                         "`pip install torch-fidelity==0.4.0` (or the project's `fid` extra)") from None
 
 
 def _as_float64_numpy(x) -> np.ndarray:
@@ -24,8 +35,7 @@ def _as_float64_numpy(x) -> np.ndarray:
 
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and unbiased covariance (D, D) of features (N, D), both float64."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
+    fid_features_to_statistics = torch_fidelity_module("metric_fid").fid_features_to_statistics
     f = _as_float64_numpy(features)
     if f.ndim != 2 or len(f) < 2:
         raise EfditError(f"features must be (N, D) with N >= 2, got shape {f.shape}")
@@ -35,8 +45,7 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (symmetric, >= 0 up to round-off)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
+    metric_fid = torch_fidelity_module("metric_fid")
     mu1, mu2 = _as_float64_numpy(mu1), _as_float64_numpy(mu2)
     sigma1, sigma2 = _as_float64_numpy(sigma1), _as_float64_numpy(sigma2)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
@@ -45,8 +54,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
                          f"sigma {sigma1.shape} / {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise EfditError("feature statistics contain NaN or inf")
-    out = fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
-    return float(out[KEY_METRIC_FID])
+    out = metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
+    return float(out[metric_fid.KEY_METRIC_FID])
 
 
 def frechet_distance_from_features(features1, features2) -> float:

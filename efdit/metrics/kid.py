@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from efdit.errors import EfditError
+from efdit.metrics.fd import torch_fidelity_module
 
 
 class KID(NamedTuple):
@@ -33,8 +34,7 @@ def kernel_distance(real, generated, subset_size: int | None = 1000, subsets: in
     subset_size: None -> min(1000, N_real, N_generated); larger than either set is an EfditError.
     seed: seeds the subset draws (numpy RandomState), so the result is reproducible.
     """
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
+    metric_kid = torch_fidelity_module("metric_kid")
     x, y = _as_float64_tensor(real), _as_float64_tensor(generated)
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise EfditError(f"features must be (N, D) with the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -45,7 +45,7 @@ def kernel_distance(real, generated, subset_size: int | None = 1000, subsets: in
                          f"(sets of {len(x)} and {len(y)} features)")
     if subsets < 1:
         raise EfditError("KID needs at least one subset")
-    out = kid_features_to_metric(x, y, kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=seed,
+    out = metric_kid.kid_features_to_metric(x, y, kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=seed,
                                  kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
                                  kid_kernel_poly_coef0=1, verbose=False)
-    return KID(float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]))
+    return KID(float(out[metric_kid.KEY_METRIC_KID_MEAN]), float(out[metric_kid.KEY_METRIC_KID_STD]))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from efdit.errors import EfditError
+from efdit.metrics.fd import torch_fidelity_module
 
 
 class PrecisionRecall(NamedTuple):
@@ -36,8 +37,7 @@ def precision_recall(real, generated, k: int = 3, batch_size: int = 2048) -> Pre
 
     Distances are computed in float32 in blocks of `batch_size` rows.
     """
-    from torch_fidelity.metric_prc import calculate_precision_recall_part
-
+    calculate_precision_recall_part = torch_fidelity_module("metric_prc").calculate_precision_recall_part
     x_real, x_gen = _as_float32_tensor(real), _as_float32_tensor(generated)
     if x_real.dim() != 2 or x_gen.dim() != 2 or x_real.shape[1] != x_gen.shape[1]:
         raise EfditError(f"features must be (N, D) with the same D, got {tuple(x_real.shape)} and {tuple(x_gen.shape)}")
