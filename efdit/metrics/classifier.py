@@ -93,7 +93,7 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
 
 
 def _check_labels(sub_labels, n: int, hierarchy: Hierarchy) -> torch.Tensor:
-    y = torch.as_tensor(np.array(sub_labels, dtype=np.int64)).reshape(-1)
+    y = (sub_labels.long() if torch.is_tensor(sub_labels) else torch.as_tensor(np.asarray(sub_labels, dtype=np.int64))).reshape(-1)
     if len(y) != n:
         raise EfditError(f"{n} images but {len(y)} labels")
     if len(y) and (y.min() < 0 or y.max() >= hierarchy.num_sub):
@@ -183,8 +183,8 @@ def hierarchy_scores(fine_pred, coarse_pred, sub_labels, hierarchy: Hierarchy) -
     right kind even when the subclass is wrong).
     """
     y = _check_labels(sub_labels, len(np.asarray(sub_labels).reshape(-1)), hierarchy)
-    fine_pred = torch.as_tensor(np.array(fine_pred, dtype=np.int64)).reshape(-1)
-    coarse_pred = torch.as_tensor(np.array(coarse_pred, dtype=np.int64)).reshape(-1)
+    fine_pred = torch.as_tensor(np.asarray(fine_pred, dtype=np.int64)).reshape(-1)
+    coarse_pred = torch.as_tensor(np.asarray(coarse_pred, dtype=np.int64)).reshape(-1)
     if not len(fine_pred) == len(coarse_pred) == len(y):
         raise EfditError(f"lengths differ: {len(fine_pred)} fine, {len(coarse_pred)} coarse, {len(y)} labels")
     if len(y) == 0:
