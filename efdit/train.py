@@ -94,6 +94,15 @@ def load_training_state(path: Path, model, ema, opt, gen: torch.Generator) -> di
     return meta["progress"]
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
@@ -216,6 +225,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
                              f"use another --run-dir, or the same options to resume")
         prog = load_training_state(ckpt_path, model, ema, opt, gen)
         print(f"resuming {run_dir} from step {prog['step']} ({prog['images']:,} images)")
+        _truncate_log(run_dir / "log.jsonl", prog["step"])  # drop what was logged after the checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.to_json())
 

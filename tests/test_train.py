@@ -91,6 +91,8 @@ def test_sigkill_then_rerun_resumes_with_identical_state(tmp_path):
             assert torch.equal(a[k], b[k]), k  # model, EMA and optimizer state all identical
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 80
+    steps = [r["step"] for r in log]
+    assert steps == sorted(set(steps))  # entries logged after the checkpoint were dropped on resume
 
 
 def test_changed_config_refuses_to_resume(tmp_path):
