@@ -17,9 +17,11 @@ from .report import read_log
 VARIANTS: dict[str, dict] = {
     "flat + null CFG, full": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full"},
     "tiered + super CFG, full": {"model.embedder": "tiered", "sample.guidance": "super", "model.peft": "full"},
+    # bias / LN / table-only sets train at 10x the full fine-tuning lr (DiffFit's recommendation)
     "flat + null CFG, finediffusion": {"model.embedder": "flat", "sample.guidance": "cfg",
-                                       "model.peft": "finediffusion"},
-    "tiered + super CFG, efdit": {"model.embedder": "tiered", "sample.guidance": "super", "model.peft": "efdit"},
+                                       "model.peft": "finediffusion", "train.lr": 3e-3},
+    "tiered + super CFG, efdit": {"model.embedder": "tiered", "sample.guidance": "super", "model.peft": "efdit",
+                                  "train.lr": 3e-3},
 }
 
 

@@ -149,7 +149,7 @@ PRESETS: dict[str, dict] = {
                         "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
                         "train.batch_size": 64, "train.lr": 3e-4, "train.ema_decay": 0.995,
                         "train.total_images": 40_000, "train.minutes": 5.0, "train.ckpt_every": 20_000,
-                        "train.log_every": 2_000, "train.init_from": "fmnist-base"},
+                        "train.log_every": 512, "train.init_from": "fmnist-base"},
     # From scratch on Fashion-MNIST subclasses (small; for those who reproduce everything).
     "fmnist-tiny": {"data.dataset": "fmnist", "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6,
                     "model.num_heads": 4, "train.batch_size": 128, "train.lr": 1e-3, "train.warmup_images": 50_000,
