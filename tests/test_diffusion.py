@@ -8,17 +8,9 @@ import torch
 from efdit.diffusion import Guidance, SamplerHook, create_diffusion, get_betas, sample, space_timesteps
 from efdit.diffusion.gaussian import GaussianDiffusion
 from efdit.models.dit import DiT
+from tiny import tiny_model
 
 
-def tiny_model(seed=1, **kw):
-    cfg = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
-    cfg.update(kw)
-    m = DiT(**cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return m.eval()
 
 
 def alpha_bar_by_hand(t):

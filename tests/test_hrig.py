@@ -9,17 +9,9 @@ from efdit.diffusion.hooks import SamplerState
 from efdit.diffusion.hooks.hrig import (HRIG, LatentRefiner, band_to_snr, degrade, enhance_bicubic, fft_fuse,
                                         parse_hrig_spec, radial_mask, reference_snr, train_refiner)
 from efdit.models.dit import DiT
+from tiny import tiny_model
 
 
-def tiny_model(seed=1, **kw):
-    cfg = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
-    cfg.update(kw)
-    m = DiT(**cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return m.eval()
 
 
 def state_for(x0, snr=0.5, step=0):

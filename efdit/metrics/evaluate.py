@@ -173,7 +173,7 @@ def table_rows(record: dict) -> list[list[str]]:
 
 
 def demo_metrics(model, cfg: Config, hierarchy: Hierarchy, run_dir: Path, progress: bool = True,
-                 n_per_class: int = 50) -> list:
+                 n_per_class: int = 20) -> list:
     from ..models.checkpoint import file_sha256
     record = evaluate_model(model, cfg, hierarchy, n_per_class=n_per_class, progress=progress,
                             model_sha=file_sha256(run_dir / "train" / "model.safetensors"),

@@ -1,0 +1,18 @@
+"""Tiny DiTs with random (non-zero) weights, shared by the tests: adaLN-Zero would make every output zero."""
+import torch
+
+from efdit.models.dit import DiT
+
+TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+
+
+def randomize(model, seed: int = 1, scale: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def tiny_model(seed: int = 1, **kw) -> DiT:
+    return randomize(DiT(**{**TINY, **kw}), seed)
