@@ -8,7 +8,6 @@ from efdit.diffusion import Guidance, create_diffusion, sample
 from efdit.diffusion.hooks import SamplerState
 from efdit.diffusion.hooks.hrig import (HRIG, LatentRefiner, band_to_snr, degrade, enhance_bicubic, fft_fuse,
                                         parse_hrig_spec, radial_mask, reference_snr, train_refiner)
-from efdit.models.dit import DiT
 from tiny import tiny_model
 
 
