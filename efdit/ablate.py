@@ -15,8 +15,10 @@ from .config import build_config, parse_override_args
 from .report import read_log
 
 VARIANTS: dict[str, dict] = {
-    "flat + null CFG, full": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full"},
-    "tiered + super CFG, full": {"model.embedder": "tiered", "sample.guidance": "super", "model.peft": "full"},
+    "flat + null CFG, full": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full",
+                              "train.lr": 3e-4},
+    "tiered + super CFG, full": {"model.embedder": "tiered", "sample.guidance": "super", "model.peft": "full",
+                                 "train.lr": 3e-4},
     # bias / LN / table-only sets train at 10x the full fine-tuning lr (DiffFit's recommendation)
     "flat + null CFG, finediffusion": {"model.embedder": "flat", "sample.guidance": "cfg",
                                        "model.peft": "finediffusion", "train.lr": 3e-3},
@@ -42,7 +44,7 @@ def run_ablation(preset: str, out_dir: Path, variants: dict[str, dict], override
         record = evaluate_model(model, mcfg, h, n_per_class=n_per_class, progress=progress,
                                 model_sha=meta["sha256"], out_json=out_dir / slug / "metrics.json")
         log = read_log(out_dir / slug / "log.jsonl")
-        n_tr = sum(p.numel() for n, p in model.named_parameters() if _trainable(n, mcfg))
+        n_tr = sum(p.numel() for p in model.parameters() if p.requires_grad)  # set by the PEFT preset
         n_all = sum(p.numel() for p in model.parameters())
         rows.append([name, f"{100 * n_tr / n_all:.2f}%", f"{sum(r['img_per_s'] for r in log) / max(len(log), 1):.1f}",
                      f"{log[-1]['loss']:.4f}" if log else "—"]
@@ -68,15 +70,10 @@ def run_ablation(preset: str, out_dir: Path, variants: dict[str, dict], override
     return out
 
 
-def _trainable(name: str, cfg) -> bool:
-    from .models.peft import is_trainable
-    return is_trainable(name, cfg.model.peft)
-
-
 def _fmt(v, key, fmt) -> str:
     if v is None:
         return "—"
-    return fmt.format(v * (1000 if key == "kid" else 1))
+    return fmt.format(v)
 
 
 def main(argv: list[str]) -> int:

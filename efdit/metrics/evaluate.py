@@ -155,7 +155,7 @@ def compare(a: dict, b: dict) -> list[tuple[str, float, float]]:
     return [(k, a["metrics"][k], b["metrics"].get(k, float("nan"))) for k in a["metrics"]]
 
 
-METRIC_NAMES = [("fd_effnetlite0", "FD-EffNetLite0 ↓", "{:.2f}"), ("kid", "KID ×10³ ↓", "{:.2f}"),
+METRIC_NAMES = [("fd_effnetlite0", "FD-EffNetLite0 ↓", "{:.2f}"), ("kid", "KID ↓", "{:.3f}"),
                 ("precision", "precision ↑", "{:.3f}"), ("recall", "recall ↑", "{:.3f}"),
                 ("fine_acc", "fine accuracy ↑", "{:.1%}"), ("coarse_acc", "coarse accuracy ↑", "{:.1%}"),
                 ("super_consistency", "superclass consistency ↑", "{:.1%}")]
@@ -166,9 +166,8 @@ def table_rows(record: dict) -> list[list[str]]:
     for key, name, fmt in METRIC_NAMES:
         if key not in record["metrics"]:
             continue
-        scale = 1000 if key == "kid" else 1
-        m, f = record["metrics"][key] * scale, record["floor"].get(key)
-        rows.append([name, fmt.format(m), fmt.format(f * scale) if f is not None else "—"])
+        m, f = record["metrics"][key], record["floor"].get(key)
+        rows.append([name, fmt.format(m), fmt.format(f) if f is not None else "—"])
     return rows
 
 
