@@ -30,7 +30,6 @@ VARIANTS: dict[str, dict] = {
 def run_ablation(preset: str, out_dir: Path, variants: dict[str, dict], overrides: dict, n_per_class: int,
                  progress: bool) -> Path:
     from .metrics.evaluate import METRIC_NAMES, evaluate_model
-    from .models.checkpoint import file_sha256
     from .runs import load_model
     from .train import train
     rows, floor = [], None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import typing
 from dataclasses import dataclass, field
 
 from .errors import EfditError

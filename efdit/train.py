@@ -24,7 +24,7 @@ from .errors import EfditError
 from .models.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from .models.dit import count_params, resolve_device
 from .models.peft import parameter_report
-from .runs import build_diffusion, build_model, labels_for, load_model, save_model
+from .runs import build_diffusion, build_model, labels_for, save_model
 
 # Fields that may change between a run and its resumption (budgets, intervals, the device; sample.* too).
 RESUMABLE_CHANGES = ("train.total_images", "train.minutes", "train.log_every", "train.ckpt_every",

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from efdit.diffusion import Guidance, SamplerHook, create_diffusion, get_betas, sample, space_timesteps
-from efdit.diffusion.gaussian import GaussianDiffusion
 from efdit.models.dit import DiT
 from tiny import tiny_model
 

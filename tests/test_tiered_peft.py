@@ -128,7 +128,7 @@ def test_unknown_peft_preset():
 
 
 def test_finetune_from_a_checkpoint_with_another_class_count(tmp_path):
-    from efdit.runs import export_model, load_model
+    from efdit.runs import load_model
     from efdit.train import train
     base = build_config("digits-tiny", {"run_dir": str(tmp_path / "base"), "total_images": 320,
                                         "condition_on": "super", "threads": 1})

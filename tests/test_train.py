@@ -5,14 +5,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from efdit.cli import main as cli_main
-from efdit.config import Config, apply_overrides, build_config, get_preset, parse_override_args
+from efdit.config import Config, build_config, get_preset, parse_override_args
 from efdit.data import HierarchicalDataset, Hierarchy
 from efdit.errors import EfditError
 from efdit.models.checkpoint import load_safetensors

@@ -7,7 +7,7 @@ subgroup -> emoji); the dataset keeps the full paths and `Hierarchy.from_paths` 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -11,8 +11,6 @@ Departures from the reference code, all backwards compatible with its checkpoint
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
 
 import numpy as np
 import torch
