@@ -213,10 +213,24 @@ def test_train_refiner_beats_bicubic_on_tiny_data(tmp_path):
         up = enhance_bicubic(degrade(imgs, (8, 8), sigma=1.0), size=(16, 16))
         base, learned = ((up - imgs) ** 2).mean().item(), ((ref(up) - imgs) ** 2).mean().item()
     assert learned < 0.8 * base, (base, learned)
-    path = tmp_path / "refiner.pt"
+    path = tmp_path / "refiner.safetensors"
     ref.save(path)
     h = HRIG.from_spec(f"enhancer=refiner,refiner={path},gain=1")
     st = state_for(imgs[:2])
     out = h.on_step(st).x0
     assert out.shape == imgs[:2].shape and torch.isfinite(out).all()
     assert not torch.equal(out, HRIG(gain=1.0).on_step(st).x0)
+
+
+def test_refiner_file_errors(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot load HRIG refiner"):
+        LatentRefiner.load(bad)
+    with pytest.raises(ValueError, match="not found"):
+        LatentRefiner.load(tmp_path / "missing.safetensors")
+    ref = LatentRefiner(3, hidden=8)
+    ref.save(tmp_path / "r.safetensors")
+    back = LatentRefiner.load(tmp_path / "r.safetensors")
+    assert back.config == {"channels": 3, "hidden": 8, "depth": 3}
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), back.state_dict().values()))

@@ -148,13 +148,31 @@ class LatentRefiner(nn.Module):
         return up + self.net(up)
 
     def save(self, path) -> None:
-        torch.save({"config": self.config, "state_dict": self.state_dict()}, path)
+        """Safetensors file with the constructor arguments in its metadata (atomic write)."""
+        import json
+        import os
+        from safetensors.torch import save_file
+        tmp = f"{path}.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp,
+                  metadata={"format": "efdit-hrig-refiner", "config": json.dumps(self.config)})
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "LatentRefiner":
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        model = cls(**blob["config"])
-        model.load_state_dict(blob["state_dict"])
+        import json
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("format") != "efdit-hrig-refiner":
+                raise ValueError("not an efdit HRIG refiner file")
+            model = cls(**json.loads(meta["config"]))
+            model.load_state_dict(load_file(str(path), device=str(map_location)))
+        except FileNotFoundError:
+            raise ValueError(f"HRIG refiner file not found: {path}") from None
+        except Exception as e:  # corrupt file, wrong format, wrong shapes
+            raise ValueError(f"cannot load HRIG refiner {path}: {e}") from None
         return model.eval()
 
 
