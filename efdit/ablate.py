@@ -1,7 +1,11 @@
 """`efdit ablate`: fine-tuning variants at an equal budget, evaluated under one protocol, as a Markdown table.
 
-The default variants compare the label embedding and guidance (flat table + null CFG vs Tiered Embedder +
-superclass-guided CFG) and the trainable set (full fine-tuning vs the FineDiffusion / EFDiT PEFT rule).
+Two variant sets (`--set`):
+  peft        the label embedding and guidance (flat table + null CFG vs Tiered Embedder + superclass-guided CFG)
+              crossed with the trainable set (full fine-tuning vs the FineDiffusion / EFDiT PEFT rule);
+  mechanisms  EFDiT's mechanisms one at a time on the PEFT baseline: baseline -> +Tiered Embedder -> +HRIG ->
+              +ProAttention -> all.
+Variants whose training config is the same (they differ only in sampling, e.g. +HRIG) share one trained model.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import time
 from pathlib import Path
 
 from .config import build_config, parse_override_args
+from .errors import EfditError
 from .report import read_log
 
-VARIANTS: dict[str, dict] = {
+PEFT_VARIANTS: dict[str, dict] = {
     "flat + null CFG, full": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full",
                               "train.lr": 3e-4},
     "tiered + super CFG, full": {"model.embedder": "tiered", "sample.guidance": "super", "model.peft": "full",
@@ -26,23 +31,56 @@ VARIANTS: dict[str, dict] = {
                                   "train.lr": 3e-3},
 }
 
+HRIG_SPEC = "gain=-0.3"          # HRIG's default (bicubic E, perceptual band); `--hrig` to change
+PROXY = {"model.attn_backend": "proxy", "model.attn_kwargs": "pool=2"}  # ProAttention, EFDiT's default backend
+_BASE = {"model.peft": "finediffusion", "train.lr": 3e-3}
+
+
+def mechanism_variants(hrig: str = HRIG_SPEC) -> dict[str, dict]:
+    flat = {**_BASE, "model.embedder": "flat", "sample.guidance": "cfg"}
+    tiered = {**_BASE, "model.embedder": "tiered", "sample.guidance": "super"}
+    return {"baseline (flat + null CFG)": flat,
+            "+ Tiered Embedder (super CFG)": tiered,
+            "+ HRIG": {**flat, "sample.hrig": hrig},
+            "+ ProAttention (proxy)": {**flat, **PROXY},
+            "all": {**tiered, **PROXY, "sample.hrig": hrig}}
+
+
+VARIANT_SETS = {"peft": PEFT_VARIANTS, "mechanisms": mechanism_variants()}
+VARIANTS = PEFT_VARIANTS  # the default set
+
+
+def training_key(cfg) -> str:
+    """What determines the trained weights: everything but the run folder and the sampling settings."""
+    d = cfg.to_dict()
+    d.pop("run_dir", None)
+    d.pop("sample", None)
+    return json.dumps(d, sort_keys=True)
+
 
 def run_ablation(preset: str, out_dir: Path, variants: dict[str, dict], overrides: dict, n_per_class: int,
                  progress: bool) -> Path:
     from .metrics.evaluate import METRIC_NAMES, evaluate_model
     from .runs import load_model
     from .train import train
-    rows, floor = [], None
+    rows, floor, trained = [], None, {}
     for name, variant in variants.items():
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         cfg = build_config(preset, {**overrides, **variant, "run_dir": str(out_dir / slug)})
         t0 = time.time()
-        train(cfg, progress=progress)
-        model, mcfg, h, meta = load_model(out_dir / slug / "model.safetensors")
+        key = training_key(cfg)
+        run = trained.get(key)
+        if run is None:
+            train(cfg, progress=progress)
+            run = trained[key] = out_dir / slug
+        else:
+            print(f"{name}: same training config as {run.name}, reusing its model")
+        model, mcfg, h, meta = load_model(run / "model.safetensors")
         mcfg.sample = cfg.sample  # sampling settings of this variant
+        (out_dir / slug).mkdir(parents=True, exist_ok=True)
         record = evaluate_model(model, mcfg, h, n_per_class=n_per_class, progress=progress,
                                 model_sha=meta["sha256"], out_json=out_dir / slug / "metrics.json")
-        log = read_log(out_dir / slug / "log.jsonl")
+        log = read_log(run / "log.jsonl")
         n_tr = sum(p.numel() for p in model.parameters() if p.requires_grad)  # set by the PEFT preset
         n_all = sum(p.numel() for p in model.parameters())
         rows.append([name, f"{100 * n_tr / n_all:.2f}%", f"{sum(r['img_per_s'] for r in log) / max(len(log), 1):.1f}",
@@ -79,13 +117,20 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="efdit ablate", description=__doc__.split("\n")[0])
     p.add_argument("preset", nargs="?", default="fmnist-finetune")
     p.add_argument("--out", default="", help="output folder (default runs/ablate-<preset>)")
-    p.add_argument("--variants", default="", help="comma-separated subset of: " + "; ".join(VARIANTS))
+    p.add_argument("--set", default="peft", choices=sorted(VARIANT_SETS), help="variant set (default: peft)")
+    p.add_argument("--variants", default="", help="';'-separated subset of the set's variant names")
+    p.add_argument("--hrig", default=HRIG_SPEC, help=f"HRIG spec of the mechanisms set (default {HRIG_SPEC!r})")
     p.add_argument("--n-per-class", type=int, default=50)
     p.add_argument("--no-progress", action="store_true")
     args, rest = p.parse_known_args(argv)
-    chosen = VARIANTS
+    pool = mechanism_variants(args.hrig) if args.set == "mechanisms" else VARIANT_SETS[args.set]
+    chosen = pool
     if args.variants:
-        chosen = {k: VARIANTS[k] for k in VARIANTS if any(s.strip() == k for s in args.variants.split(";"))}
-    out = Path(args.out or f"runs/ablate-{args.preset}")
+        wanted = [s.strip() for s in args.variants.split(";") if s.strip()]
+        unknown = [w for w in wanted if w not in pool]
+        if unknown:
+            raise EfditError(f"unknown variant(s) {unknown}; the {args.set} set has: {'; '.join(pool)}")
+        chosen = {k: pool[k] for k in pool if k in wanted}
+    out = Path(args.out or f"runs/ablate-{args.preset}" + ("" if args.set == "peft" else f"-{args.set}"))
     run_ablation(args.preset, out, chosen, parse_override_args(rest), args.n_per_class, not args.no_progress)
     return 0

@@ -19,6 +19,7 @@ commands:
   sample    sample a trained model: a labelled grid per superclass, PNGs and an .npz
   evaluate  FD-EffNetLite0, KID, precision/recall and class accuracy of a model's samples
   ablate    fine-tuning variants at an equal budget, evaluated, as a Markdown table
+  hrig      HRIG tools: train the learned enhancer of a run, sweep HRIG settings (same noise per row)
   demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
   export    write a run's EMA model as a standalone (fp16) model file
   presets   list the named presets
@@ -106,6 +107,11 @@ def cmd_ablate(argv: list[str]) -> int:
     return ablate_main(argv)
 
 
+def cmd_hrig(argv: list[str]) -> int:
+    from .hrig_tools import main as hrig_main
+    return hrig_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from .demo import run_demo
     p = _parser("demo", "Fine-tune the shipped Fashion-MNIST base onto the 10 subclasses, sample every class, "
@@ -142,8 +148,8 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "ablate": cmd_ablate, "demo": cmd_demo,
-            "export": cmd_export, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "ablate": cmd_ablate,
+            "hrig": cmd_hrig, "demo": cmd_demo, "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:
