@@ -22,6 +22,9 @@ commands:
   hrig      HRIG tools: train the learned enhancer of a run, sweep HRIG settings (same noise per row)
   demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
   export    write a run's EMA model as a standalone (fp16) model file
+  d2it      D²iT (issue 9): train the stages, sample (grain maps beside images), the Table 5 benchmark
+  grains    entropy grain maps: compute-thresholds (dataset percentiles, once), show (overlay PNG)
+  serve     a local web page (Gradio, efdit[web]): browse the hierarchy and generate
   presets   list the named presets
 
 `efdit <command> --help` for the options of one command."""
@@ -36,6 +39,10 @@ def _parser(cmd: str, description: str) -> argparse.ArgumentParser:
 def cmd_train(argv: list[str]) -> int:
     from .config import build_config, parse_override_args
     from .train import train
+    from .d2it.cli import train_model_alias
+    d2it = train_model_alias(argv)   # --model d2it-dvae|d2it-dgt|d2it-dct|d2it-dit: the D²iT stages
+    if d2it is not None:
+        return d2it
     p = _parser("train", "Train or fine-tune a DiT. Rerunning the same command resumes from the last checkpoint.")
     p.add_argument("--preset", default="fmnist-tiny", help="named preset (default: fmnist-tiny)")
     p.add_argument("--dry-run", "-n", action="store_true", help="print the resolved config and parameter counts")
@@ -57,7 +64,9 @@ def cmd_sample(argv: list[str]) -> int:
     from .runs import load_model
     from .sample import generate, save_grid, save_samples
     import torch
-    p = _parser("sample", "Sample a trained efdit model (model.safetensors of a run).")
+    p = _parser("sample", "Sample a trained efdit model (model.safetensors of a run). Faster sampling: "
+                          "--sampler dpmpp2m --steps 15 (DPM-Solver++(2M)), or a training-free cache "
+                          "--accel fora|delta|taylorseer --accel-kw interval=3[,order=2 | ,blocks=3,boundary=500].")
     p.add_argument("model", help="an efdit model file, or a run directory holding model.safetensors")
     p.add_argument("--classes", default="", help="comma-separated class names or ids (default: all)")
     p.add_argument("--superclass", default="", help="comma-separated superclasses: sample all their subclasses")
@@ -92,8 +101,10 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def sample_overrides(ov: dict) -> dict:
-    """Sampling-time options: bare keys are sample.* fields; --attn / --attn-kw switch the attention backend."""
-    alias = {"attn": "model.attn_backend", "attn_kw": "model.attn_kwargs", "attn-kw": "model.attn_kwargs"}
+    """Sampling-time options: bare keys are sample.* fields; --attn / --attn-kw switch the attention backend,
+    --accel / --accel-kw the training-free cache (none | fora | delta | taylorseer, e.g. --accel-kw interval=3)."""
+    alias = {"attn": "model.attn_backend", "attn_kw": "model.attn_kwargs", "attn-kw": "model.attn_kwargs",
+             "accel_kw": "sample.accel_kwargs", "accel-kw": "sample.accel_kwargs"}
     return {alias.get(k, k if "." in k else f"sample.{k}"): v for k, v in ov.items()}
 
 
@@ -141,6 +152,11 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from .web import main as serve_main
+    return serve_main(argv)
+
+
 def cmd_presets(argv: list[str]) -> int:
     from .config import PRESETS
     for name, ov in PRESETS.items():
@@ -149,7 +165,22 @@ def cmd_presets(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "ablate": cmd_ablate,
-            "hrig": cmd_hrig, "demo": cmd_demo, "export": cmd_export, "presets": cmd_presets}
+            "hrig": cmd_hrig, "demo": cmd_demo, "export": cmd_export, "serve": cmd_serve,
+            "presets": cmd_presets}
+
+
+
+def cmd_d2it(argv: list[str]) -> int:
+    from .d2it.cli import cmd_d2it as d2it_main
+    return d2it_main(argv)
+
+
+def cmd_grains(argv: list[str]) -> int:
+    from .d2it.cli import cmd_grains as grains_main
+    return grains_main(argv)
+
+
+COMMANDS.update(d2it=cmd_d2it, grains=cmd_grains)
 
 
 def main(argv: list[str] | None = None) -> int:

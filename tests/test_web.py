@@ -1,0 +1,244 @@
+"""`efdit serve`: the page's logic (validation, sampling) and an end-to-end run in headless Chromium.
+
+The browser test starts `efdit serve` on a free loopback port with a tiny checkpoint made here, picks a
+superclass and a subclass in Debian's Chromium (driven by Selenium through /usr/bin/chromedriver), clicks
+Generate and decodes the images the page shows. It is skipped, saying why, where Chromium, chromedriver,
+Selenium or Gradio is missing (`make browser` installs Chromium; `make test` runs it).
+"""
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from efdit.config import Config
+from efdit.data import Hierarchy
+from efdit.errors import EfditError
+from efdit.runs import build_model, save_model
+from efdit.web import MAX_SCALE, Request, ServedModel, find_checkpoint, generate_for, validate
+from tiny import randomize
+
+H, W = 12, 8  # non-square, so a transposed image cannot pass
+HIER = Hierarchy(["cat", "dog", "owl", "car", "bus"], ["animals", "vehicles"], torch.tensor([0, 0, 0, 1, 1]))
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def make_checkpoint(path: Path) -> Path:
+    cfg = Config()
+    m = cfg.model
+    m.patch_size, m.hidden_size, m.depth, m.num_heads = 2, 32, 2, 2
+    cfg.sample.steps, cfg.sample.per_class, cfg.sample.cfg_scale = "4", 2, 3.0
+    model = randomize(build_model(cfg, HIER, (H, W), 1), seed=3)
+    return save_model(path, model, cfg, HIER, (H, W), 1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("web") / "run" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def served(ckpt) -> ServedModel:
+    return ServedModel(ckpt, "cpu")
+
+
+# ---- the logic behind the page ---------------------------------------------------------------------------
+def test_find_checkpoint(ckpt, tmp_path):
+    assert find_checkpoint(run=ckpt.parent) == ckpt
+    demo = tmp_path / "demo"
+    (demo / "train").mkdir(parents=True)
+    shutil.copy(ckpt, demo / "train" / "model.safetensors")  # the layout `efdit demo` writes
+    assert find_checkpoint(run=demo) == demo / "train" / "model.safetensors"
+    with pytest.raises(EfditError, match="no checkpoint: give --run RUN_DIR or --ckpt FILE"):
+        find_checkpoint()
+    with pytest.raises(EfditError, match="no model file in"):
+        find_checkpoint(run=tmp_path)
+    with pytest.raises(EfditError, match="checkpoint not found"):
+        find_checkpoint(ckpt=tmp_path / "nope.safetensors")
+
+
+def test_validate_builds_labels_and_refuses_bad_input(served):
+    cfg, labels, captions, n = validate(served, Request("vehicles", "bus", "cfg", 4.0, 1.0, 3, "ddim", 7, 3))
+    # three samples of "bus" (id 4), then one of each subclass of "vehicles" (car 3, bus 4)
+    assert labels.tolist() == [4, 4, 4, 3, 4] and n == 3
+    assert captions == ["bus #1", "bus #2", "bus #3", "car", "bus"]
+    assert (cfg.sample.cfg_scale, cfg.sample.steps, cfg.sample.seed, cfg.sample.guidance) == (4.0, "3", 7, "cfg")
+    assert served.cfg.sample.cfg_scale == 3.0  # the served config is untouched
+    ok = dict(superclass="vehicles", subclass="bus", guidance="cfg", scale=2.0, steps=3, sampler="ddim", n=2)
+    bad = [(dict(scale=MAX_SCALE + 0.5), f"guidance scale must be between 0 and {MAX_SCALE:g}, not 20.5"),
+           (dict(scale=-1.0), "guidance scale must be between 0 and 20, not -1.0"),
+           (dict(subclass="buss"), "unknown subclass 'buss'; did you mean 'bus'"),
+           (dict(subclass="owl"), "subclass 'owl' is not under superclass 'vehicles' .it is under 'animals'"),
+           (dict(superclass="plants"), "unknown superclass 'plants'"),
+           (dict(steps=1001), "steps must be a whole number from 1 to 1000"),
+           (dict(sampler="euler"), "sampler 'euler' is unknown"),
+           (dict(guidance="super"), "guidance 'super' is not available for this model"),
+           (dict(n=0), "number of images must be from 1 to 16")]
+    for change, message in bad:
+        with pytest.raises(EfditError, match=message):
+            validate(served, Request(**{**ok, **change}))
+    with pytest.raises(EfditError, match="no checkpoint loaded"):
+        validate(None, Request(**ok))
+
+
+def test_generate_for_gives_the_classes_at_model_size(served):
+    calls = []
+    chosen, family, status = generate_for(served, Request("animals", "dog", "cfg", 2.0, 1.0, 3, "ddim", 0, 2),
+                                          progress=lambda done, total: calls.append((done, total)))
+    assert [c for _, c in chosen] == ["dog #1", "dog #2"] and [c for _, c in family] == ["cat", "dog", "owl"]
+    assert all(im.size == (W, H) and im.mode == "L" for im, _ in chosen + family)
+    assert calls == [(0, 3), (1, 3), (2, 3)]  # one progress report per sampling step
+    assert status.startswith("5 images in") and "cfg guidance ×2" in status
+    # same seed -> same pictures; another seed -> others
+    again, _, _ = generate_for(served, Request("animals", "dog", "cfg", 2.0, 1.0, 3, "ddim", 0, 2))
+    other, _, _ = generate_for(served, Request("animals", "dog", "cfg", 2.0, 1.0, 3, "ddim", 1, 2))
+    px = [np.asarray(im) for im, _ in chosen]
+    assert all((a == np.asarray(b)).all() for a, (b, _) in zip(px, again))
+    assert not (px[0] == np.asarray(other[0][0])).all()
+
+
+# ---- the page in a real browser ----------------------------------------------------------------------------
+def _browser_or_skip():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.skip(f"browser test skipped: {', '.join(missing)} missing (Debian packages chromium and "
+                    "chromium-driver; `make browser` installs them)")
+    for mod, extra in (("selenium", "test"), ("gradio", "web")):
+        try:
+            __import__(mod)
+        except ImportError:
+            pytest.skip(f"browser test skipped: {mod} is not installed (pip install 'efdit[{extra}]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on `port` (from /proc/net/tcp)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            out.add(socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]))
+    return out
+
+
+@pytest.fixture
+def server(ckpt, tmp_path):
+    _browser_or_skip()
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "EFDIT_DEVICE": "cpu",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "efdit.cli", "serve", "--ckpt", str(ckpt), "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() - t0 > 90:
+                proc.kill()
+                pytest.fail(f"efdit serve did not come up: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.25)
+    yield url, port, proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _chrome(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--window-size=1400,1000", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_page_generates_in_chromium(server, served, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    url, port, _ = server
+    assert _listen_addresses(port) == {"127.0.0.1"}  # loopback only unless --host says otherwise
+    d = _chrome(tmp_path)
+    try:
+        wait = WebDriverWait(d, 40)
+        d.get(url)
+        field = lambda eid: d.find_element(By.CSS_SELECTOR, f"#{eid} input")  # noqa: E731
+        status = lambda: d.find_element(By.ID, "status").text  # noqa: E731
+        wait.until(lambda _: field("superclass").get_property("value") == "animals")
+        assert field("subclass").get_property("value") == "cat"
+
+        def pick(eid, value, expect_options):
+            box = field(eid)
+            box.click()
+            listbox = box.get_attribute("aria-controls")
+            items = wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, f"[id='{listbox}'] li"))
+            assert [i.text.replace("✓", "").strip() for i in items] == expect_options
+            next(i for i in items if i.text.replace("✓", "").strip() == value).click()
+            wait.until(lambda _: field(eid).get_property("value") == value)
+
+        pick("superclass", "vehicles", ["animals", "vehicles"])
+        wait.until(lambda _: field("subclass").get_property("value") == "car")  # the list followed the superclass
+        pick("subclass", "bus", ["car", "bus"])
+        d.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda _: "images in" in status())
+        imgs = d.find_elements(By.CSS_SELECTOR, "#samples img")
+        sibs = d.find_elements(By.CSS_SELECTOR, "#siblings img")
+        assert len(imgs) == 4 and [s.get_attribute("alt") for s in sibs] == ["car", "bus"]
+        shown = []
+        for img in imgs + sibs:
+            pic = Image.open(io.BytesIO(urllib.request.urlopen(img.get_attribute("src"), timeout=10).read()))
+            assert pic.size == (W, H) and pic.mode == "L"
+            assert img.get_property("naturalWidth") == W and img.get_property("naturalHeight") == H
+            shown.append(np.asarray(pic))
+        # the page shows exactly what the library samples for the same request (defaults: cfg ×3, 4 steps, seed 0)
+        want, fam, _ = generate_for(served, Request("vehicles", "bus", "auto", 3.0, 1.0, 4, "ddim", 0, 4))
+        assert all((a == np.asarray(b)).all() for a, (b, _) in zip(shown, want + fam))
+        shot = tmp_path / "web.png"
+        d.save_screenshot(str(shot))
+        if os.environ.get("EFDIT_SCREENSHOT_DIR"):
+            shutil.copy(shot, Path(os.environ["EFDIT_SCREENSHOT_DIR"]) / "web.png")
+        assert Image.open(shot).size[0] > 0
+
+        # bad input: a readable line in the page, no traceback, the server still answers
+        scale = field("scale")
+        scale.send_keys(Keys.CONTROL, "a")
+        scale.send_keys("50", Keys.TAB)
+        d.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda _: "guidance scale must be between 0 and 20, not 50" in status())
+        sub = field("subclass")
+        sub.send_keys(Keys.CONTROL, "a")
+        sub.send_keys("buss", Keys.TAB)
+        scale.send_keys(Keys.CONTROL, "a")
+        scale.send_keys("2", Keys.TAB)
+        d.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda _: "unknown subclass 'buss'; did you mean 'bus'?" in status())
+        assert "Traceback" not in d.page_source
+        assert len(d.find_elements(By.CSS_SELECTOR, "#samples img")) == 4  # the last good images stay
+    finally:
+        d.quit()
