@@ -9,6 +9,7 @@ come from HRIG, not from a different draw; the first row is always HRIG off.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -65,17 +66,21 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
     rows = []
     for i, spec in enumerate([""] + specs):
         cfg.sample.hrig = spec
-        t0 = time.time()
-        rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, progress=progress, model_sha=meta["sha256"],
-                             out_json=out / f"metrics-{i:02d}.json")
-        rec["hrig"] = spec
-        (out / f"metrics-{i:02d}.json").write_text(json.dumps(rec, indent=1))
+        dst = out / f"metrics-{hashlib.sha1(spec.encode()).hexdigest()[:10]}.json"
+        rec = _reusable(dst, spec, meta["sha256"], n_per_class, cfg)
+        if rec is None:  # rerunning the same sweep reuses the rows already measured
+            rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, progress=progress,
+                                 model_sha=meta["sha256"])
+            rec["hrig"] = spec
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            tmp.write_text(json.dumps(rec, indent=1))
+            os.replace(tmp, dst)
         m = rec["metrics"]
         rows.append([f"`{spec}`" if spec else "off"] + [fmt.format(m[k]) if k in m else "—"
-                                                        for k, _, fmt in METRIC_NAMES] + [f"{time.time() - t0:.0f}"])
+                                                        for k, _, fmt in METRIC_NAMES] + [f"{rec.get('sampling_seconds', 0):.0f}"])
         print(f"[{i}/{len(specs)}] hrig={spec or 'off'}: " + ", ".join(f"{k}={m[k]:.4g}" for k, _, _ in METRIC_NAMES
                                                                      if k in m))
-    header = ["HRIG spec"] + [n for _, n, _ in METRIC_NAMES] + ["s"]
+    header = ["HRIG spec"] + [n for _, n, _ in METRIC_NAMES] + ["sampling s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     fl = rec["floor"]
@@ -92,6 +97,17 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
     os.replace(tmp, dst)
     print(text)
     return dst
+
+
+def _reusable(path: Path, spec: str, sha: str, n_per_class: int, cfg) -> dict | None:
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    s = cfg.sample
+    same = (rec.get("hrig") == spec and rec.get("model_sha256") == sha and rec.get("n_per_class") == n_per_class
+            and (rec.get("sampler"), rec.get("steps"), rec.get("seed"), rec.get("cfg_scale"))
+            == (s.sampler, s.steps, s.seed, s.cfg_scale))
+    return rec if same else None
 
 
 def main(argv: list[str]) -> int:

@@ -54,3 +54,20 @@ def test_run_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
 def test_unknown_variant_is_a_clear_error():
     with pytest.raises(EfditError, match="unknown variant"):
         ablate.main(["--set", "mechanisms", "--variants", "+ HRIGG"])
+
+
+def test_hrig_sweep_reuses_only_matching_rows(tmp_path):
+    import json
+    from efdit.hrig_tools import _reusable
+    cfg = build_config("fmnist-finetune", {})
+    s = cfg.sample
+    rec = {"hrig": "gain=0.5", "model_sha256": "abc", "n_per_class": 20, "sampler": s.sampler, "steps": s.steps,
+           "seed": s.seed, "cfg_scale": s.cfg_scale, "metrics": {}}
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(rec))
+    assert _reusable(p, "gain=0.5", "abc", 20, cfg) == rec
+    assert _reusable(p, "gain=0.3", "abc", 20, cfg) is None          # another spec
+    assert _reusable(p, "gain=0.5", "xyz", 20, cfg) is None          # another model
+    assert _reusable(p, "gain=0.5", "abc", 10, cfg) is None          # another N
+    cfg.sample.steps = "25"
+    assert _reusable(p, "gain=0.5", "abc", 20, cfg) is None          # another sampler setting
