@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"          # ddpm | ddim
+    sampler: str = "ddim"          # ddpm | ddim | dpmpp2m (DPM-Solver++(2M): 10-20 steps)
     steps: str = "50"              # respacing: "250", "ddim50", "50"
     eta: float = 0.0
     guidance: str = "auto"         # auto (cfg for flat, super for tiered embedders) | none | cfg | super | two_term
@@ -91,6 +91,8 @@ class SampleConfig:
     per_class: int = 8
     seed: int = 0
     hrig: str = ""                 # HRIG hook spec, e.g. "band=259:673,r=2,cutoff=0.25,gain=-0.3" ("" = off)
+    accel: str = "none"            # training-free block cache: none | fora | delta (Δ-DiT) | taylorseer
+    accel_kwargs: str = ""         # its options, e.g. "interval=3", "interval=3,order=2", "interval=2,blocks=3,boundary=500"
 
 
 @dataclass

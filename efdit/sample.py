@@ -31,7 +31,7 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
     """Samples for `labels` (ids in the model's label space) -> uint8 (N, C, H, W)."""
     s = cfg.sample
     diffusion = build_diffusion(cfg, s.steps)
-    hooks = list(hooks) + hrig_hooks(cfg)
+    hooks = list(hooks) + hrig_hooks(cfg) + accel_hooks(cfg)
     gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
     out = []
     for i in range(0, len(labels), batch_size):
@@ -51,6 +51,18 @@ def hrig_hooks(cfg: Config) -> list:
         return [HRIG.from_spec(spec)]
     except ValueError as e:
         raise EfditError(f"--hrig {spec!r}: {e}") from None
+
+
+def accel_hooks(cfg: Config) -> list:
+    """The training-free block cache of `sample.accel` (FORA, Δ-DiT, TaylorSeer), as a sampler hook; [] for none."""
+    from .config import parse_kv
+    from .diffusion.hooks.cache import build_accel
+    s = cfg.sample
+    try:
+        cache = build_accel(s.accel, parse_kv(s.accel_kwargs))
+    except ValueError as e:
+        raise EfditError(f"--accel {s.accel} --accel-kw {s.accel_kwargs!r}: {e}") from None
+    return [] if cache is None else [cache]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,20 @@
-"""Samplers: ancestral DDPM (learned or fixed variance) and DDIM(η), with guidance and hooks.
+"""Samplers: ancestral DDPM (learned or fixed variance), DDIM(η) and DPM-Solver++(2M), with guidance
+and hooks.
 
 One batched forward per step: every guidance branch (conditional, null, superclass) is concatenated into
 one batch. Guidance combines only the ε channels (`channels="all"`, or DiT's `"first3"` for bit-exact
 reproduction); learned-Σ channels come from the conditional branch. Hooks (see hooks/__init__.py) run after
 guidance and may replace x0 or ε; the update is recomputed from what they return.
+
+DPM-Solver++(2M) (Lu et al. 2022: data prediction, multistep, second order) runs on the same respaced chain
+as DDIM: the model is evaluated at exactly the timesteps of `steps` (respacing "N" = N points uniform in t
+from 999 down to 0, both ends included), only the update differs. With α = sqrt(ᾱ), σ = sqrt(1 − ᾱ),
+λ = log(α/σ) and a step from s (chain index i) to t (index i−1), h = λ_t − λ_s:
+    first order (= DDIM, η = 0):  x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·x̂0_s
+    second order (2M):            x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·D,
+                                  D = (1 + 1/(2r))·x̂0_s − 1/(2r)·x̂0_prev,  r = h_prev/h
+The first step (no history yet) and the last one (t = 0 -> σ = 0, λ = ∞: it returns x̂0, as DDIM does) are
+first order. x̂0 is the guided, clipped (`clip_x0`) and hook-modified prediction of each step.
 """
 from __future__ import annotations
 
@@ -59,6 +70,29 @@ class Guidance:
         return null + self.scale_super * (sup - null) + self.scale * (cond - sup)
 
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+
+
+def dpmpp2m_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float, history):
+    """One DPM-Solver++(2M) step from ᾱ_s = `ab` to ᾱ_t = `ab_prev` (formulas in the module docstring).
+
+    x0, eps: the (consistent) data and noise predictions at s; history: (x̂0, λ) of the previous step or None.
+    Returns (x_t, history for the next step). First order when there is no history or t is the clean end (ᾱ = 1);
+    that branch is DDIM's update written the same way, so the first step equals DDIM's bit for bit.
+    """
+    lam_s = 0.5 * math.log(ab / (1 - ab))
+    if history is None or ab_prev >= 1.0:
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
+        return x, (x0, lam_s)
+    x0_prev, lam_prev = history
+    lam_t = 0.5 * math.log(ab_prev / (1 - ab_prev))
+    h, h_prev = lam_t - lam_s, lam_s - lam_prev
+    r = h_prev / h
+    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    x = math.sqrt((1 - ab_prev) / (1 - ab)) * x - math.sqrt(ab_prev) * math.expm1(-h) * d
+    return x, (x0, lam_s)
+
+
 def _model_forward(model, x, t, labels, guidance: Guidance, model_kwargs: dict, block_cache, channels: int):
     """One forward for all branches -> guided output (ε channels guided, Σ channels conditional)."""
     base = getattr(model, "module", model)
@@ -87,11 +121,14 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
            shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Generate samples for `labels` (N,) by running the (respaced) chain of `diffusion` backwards.
 
-    method: "ddpm" (ancestral, model's variance) or "ddim" (η = `eta`). Deterministic given `generator`.
+    method: "ddpm" (ancestral, model's variance), "ddim" (η = `eta`) or "dpmpp2m" (DPM-Solver++(2M), deterministic,
+    η must be 0). Deterministic given `generator`.
     noise_fn(shape, generator) supplies x_T and every injected noise; project(x) runs after each update.
     """
-    if method not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be ddpm | ddim, not {method!r}")
+    if method not in SAMPLERS:
+        raise ValueError(f"sampler must be {' | '.join(SAMPLERS)}, not {method!r}")
+    if method == "dpmpp2m" and eta != 0:
+        raise ValueError(f"dpmpp2m is a deterministic ODE solver: eta must be 0, got {eta}")
     guidance = guidance or Guidance()
     model_kwargs = model_kwargs or {}
     base = getattr(model, "module", model)
@@ -104,10 +141,13 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
     if len(caches) > 1:
         raise ValueError("at most one block cache can run at a time")
     block_cache = caches[0] if caches else None
+    if block_cache is not None and hasattr(block_cache, "bind"):
+        block_cache.bind(base)  # a cache may need the model's structure (Δ-DiT: its depth)
     for h in hooks:
         h.reset()
 
     N = shape[0]
+    history = None  # dpmpp2m: (x̂0, λ) of the previous step
     steps = list(range(diffusion.num_timesteps))[::-1]
     for step, i in enumerate(tqdm(steps, desc=f"sampling ({method})", disable=not progress, leave=False)):
         t_idx = torch.full((N,), i, device=device, dtype=torch.long)
@@ -133,6 +173,8 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
         if method == "ddpm":
             mean = pred.mean if x0 is pred.x0 else diffusion.q_posterior(x0, x, t_idx)[0]
             x = mean + torch.exp(0.5 * pred.log_variance) * noise_fn(shape, generator) if i > 0 else mean
+        elif method == "dpmpp2m":
+            x, history = dpmpp2m_update(x, x0, eps, ab, ab_prev, history)
         else:
             sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
             x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps

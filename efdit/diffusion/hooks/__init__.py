@@ -4,6 +4,9 @@ A hook is any object with
   reset()                                  called at the start of every sampling run,
   on_step_begin(step_index, t)             before the model forward of a step (caches need the step first),
   on_step(state) -> state                  after guidance; may return a state with `x0` or `eps` replaced.
+Block caches (hooks/cache.py) also have a `granularity` ("block" | "branch") and are the `block_cache(i, branch,
+fn, x, c)` callable the model calls per block; the sampler passes the (single) cache among its hooks to the model
+and, if it has one, calls its `bind(model)` before `reset()`.
 Hooks never modify tensors in place: the sampler detects a replacement by object identity and recomputes
 the other quantity (`eps` from a new `x0`, or `x0` from a new `eps`); replacing both is an error.
 """

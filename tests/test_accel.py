@@ -1,0 +1,262 @@
+"""Faster sampling: DPM-Solver++(2M) and the training-free block caches (FORA, Δ-DiT, TaylorSeer)."""
+import math
+
+import pytest
+import torch
+
+from efdit.config import Config, apply_overrides, parse_kv
+from efdit.diffusion import Guidance, SamplerHook, create_diffusion, sample
+from efdit.diffusion.hooks.cache import DeltaDiTCache, FORACache, TaylorSeerCache, build_accel
+from efdit.diffusion.hooks.hrig import HRIG
+from efdit.diffusion.samplers import dpmpp2m_update
+from efdit.errors import EfditError
+from efdit.models.embedders import TieredEmbedder
+from tiny import randomize, tiny_model
+
+CFG = Guidance("cfg", 2.0)
+
+
+def run(m, y, steps="10", method="ddim", hooks=(), guidance=CFG, seed=5, **kw):
+    d = create_diffusion(steps, **{k: kw.pop(k) for k in ("prediction", "learn_sigma") if k in kw})
+    return sample(m, y, d, method=method, guidance=guidance, hooks=hooks, progress=False,
+                  generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def caches(interval):
+    return [FORACache(interval), DeltaDiTCache(interval, blocks=1, boundary=500),
+            TaylorSeerCache(interval, order=2)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+# ---------------------------------------------------------------------------------------------------
+def test_dpmpp2m_update_by_hand():
+    """One second-order step against the paper's formula written out with α, σ, λ."""
+    g = torch.Generator().manual_seed(0)
+    x, x0, x0_prev = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    ab_prev_prev, ab, ab_t = 0.2, 0.35, 0.6  # ᾱ at t_{i-2}, t_{i-1} (= s) and t_i
+    lam = lambda a: math.log(math.sqrt(a) / math.sqrt(1 - a))  # noqa: E731
+    eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+    out, hist = dpmpp2m_update(x, x0, eps, ab, ab_t, (x0_prev, lam(ab_prev_prev)))
+    h, h_prev = lam(ab_t) - lam(ab), lam(ab) - lam(ab_prev_prev)
+    r = h_prev / h
+    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+    expect = math.sqrt(1 - ab_t) / math.sqrt(1 - ab) * x - math.sqrt(ab_t) * (math.exp(-h) - 1) * D
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    assert hist[0] is x0 and hist[1] == pytest.approx(lam(ab))
+    # no history -> first order, which is DDIM: α_t·x̂0 + σ_t·ε
+    first, _ = dpmpp2m_update(x, x0, eps, ab, ab_t, None)
+    torch.testing.assert_close(first, math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps)
+    # to the clean end (ᾱ = 1) -> x̂0, whatever the history
+    last, _ = dpmpp2m_update(x, x0, eps, ab, 1.0, (x0_prev, 0.0))
+    assert torch.equal(last, x0)
+
+
+def test_dpmpp2m_converges_to_ddim250():
+    """Fixed tiny DiT (random, non-zero weights), CFG, no clipping: the ODE solution of DDIM-250 is approached as
+    the steps grow, faster than DDIM itself (second vs first order)."""
+    m, y = tiny_model(seed=1), torch.arange(4)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = run(m, y, "250", x_T=x_T)
+    err = {s: (run(m, y, str(s), "dpmpp2m", x_T=x_T) - ref).abs().max().item() for s in (5, 10, 50)}
+    err_ddim = {s: (run(m, y, str(s), "ddim", x_T=x_T) - ref).abs().max().item() for s in (10, 50)}
+    scale = ref.abs().max().item()
+    assert err[50] < err[10] < err[5]
+    assert err[50] < 0.03 * err[5] and err[50] < 0.005 * scale
+    assert err[10] < 0.8 * err_ddim[10] and err[50] < 0.3 * err_ddim[50]
+
+
+@pytest.mark.parametrize("mode", ["none", "cfg", "super", "two_term"])
+def test_dpmpp2m_with_every_guidance_mode(mode):
+    """Two chain steps are both first order (warm-up, then t = 0 -> clean), so they equal DDIM bit for bit; with
+    three the second-order step changes the sample."""
+    parent = torch.tensor([0, 0, 1, 1])
+    m = randomize(tiny_model(y_embedder=TieredEmbedder(4, 2, parent, 32, mode="sum", null_prob=0.1)))
+    y, g = torch.arange(4), Guidance(mode, 3.0, scale_super=1.5)
+    assert torch.equal(run(m, y, "2", "dpmpp2m", guidance=g), run(m, y, "2", "ddim", guidance=g))
+    a, b = run(m, y, "3", "dpmpp2m", guidance=g), run(m, y, "3", "ddim", guidance=g)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_dpmpp2m_uses_hook_x0_and_hrig_works():
+    m, y = tiny_model(), torch.arange(4)
+
+    class ConstX0(SamplerHook):
+        def __init__(self, c):
+            self.c = c
+
+        def on_step(self, state):
+            return state.replace(x0=torch.full_like(state.x0, self.c))
+
+    # x̂0 fixed to a constant: the data-prediction ODE is solved exactly, by 2M and by DDIM alike
+    assert torch.equal(run(m, y, "6", "dpmpp2m", hooks=[ConstX0(0.0)]), torch.zeros(4, 1, 8, 8))
+    torch.testing.assert_close(run(m, y, "6", "dpmpp2m", hooks=[ConstX0(0.4)]),
+                               run(m, y, "6", "ddim", hooks=[ConstX0(0.4)]), rtol=1e-5, atol=1e-5)
+    # HRIG: λ = 0 is bit-identical, λ ≠ 0 modifies the steps of its band and changes the sample
+    plain = run(m, y, "10", "dpmpp2m", clip_x0=True)
+    assert torch.equal(run(m, y, "10", "dpmpp2m", hooks=[HRIG(gain=0.0)], clip_x0=True), plain)
+    h = HRIG(gain=-0.5)
+    out = run(m, y, "10", "dpmpp2m", hooks=[h], clip_x0=True)
+    assert h.modified_steps and not torch.equal(out, plain)
+
+
+def test_dpmpp2m_rejects_eta():
+    with pytest.raises(ValueError, match="eta"):
+        run(tiny_model(), torch.arange(2), "4", "dpmpp2m", eta=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block caches
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ddim", "dpmpp2m"])
+def test_interval_one_and_accel_none_are_bit_identical(method):
+    m, y = tiny_model(depth=3), torch.arange(4)
+    plain = run(m, y, "8", method)
+    assert build_accel("none") is None
+    for cache in caches(1):
+        assert torch.equal(run(m, y, "8", method, hooks=[cache]), plain), cache
+        assert cache.skipped == 0 and cache.computed > 0
+
+
+def test_caches_change_the_sample_and_skip_work():
+    m, y = tiny_model(depth=3), torch.arange(4)
+    plain = run(m, y, "8")
+    for cache in caches(3):
+        out = run(m, y, "8", hooks=[cache])
+        assert not torch.equal(out, plain) and torch.isfinite(out).all()
+        assert cache.skipped > 0
+
+
+def test_taylorseer_order0_equals_fora():
+    m, y = tiny_model(depth=3), torch.arange(4)
+    for interval, warmup in ((2, 0), (3, 0), (3, 2), (4, 1)):
+        fora = run(m, y, "10", hooks=[FORACache(interval, warmup=warmup)])
+        ts0 = run(m, y, "10", hooks=[TaylorSeerCache(interval, order=0, warmup=warmup)])
+        assert torch.equal(fora, ts0)
+        ts1 = run(m, y, "10", hooks=[TaylorSeerCache(interval, order=1, warmup=warmup)])
+        assert not torch.equal(fora, ts1)
+
+
+def test_taylorseer_forecast_by_hand():
+    """Finite differences over the full steps and the Taylor forecast, on a branch whose output is step²."""
+    c = TaylorSeerCache(interval=2, order=2)
+    c.reset()
+    values = {}
+    x = torch.zeros(1, 1, 1)
+    for step in range(7):
+        c.on_step_begin(step, torch.tensor([999 - step]))
+        values[step] = c(0, "attn", lambda x_, c_, s=step: torch.full((1, 1, 1), float(s) ** 2), x, None).item()
+    # full steps 0, 2, 4, 6: F = 0, 4, 16, 36. At step 5: factors from steps 4 (F=16), ΔF = (16−4)/2 = 6,
+    # Δ²F = (6 − (4−0)/2)/2 = 2 -> 16 + 6·1 + 2·1/2 = 23
+    assert values[1] == 0.0  # only F known after step 0: order-0 reuse
+    assert values[3] == 4.0 + (4.0 - 0.0) / 2 * 1  # F + ΔF·1
+    assert values[5] == 23.0
+    assert c.computed == 4 and c.skipped == 3
+
+
+def test_cache_reset_between_runs():
+    m, y = tiny_model(depth=3), torch.arange(4)
+    for cache in caches(3):
+        first = run(m, y, "9", hooks=[cache])
+        assert torch.equal(run(m, y, "9", hooks=[cache]), first)  # same seed twice, same samples
+        # after a run with other labels and another batch size, the cache holds nothing stale
+        other = run(m, torch.tensor([3, 2, 1]), "9", hooks=[cache], seed=7)
+        fresh = type(cache)(**{k: v for k, v in cache.describe().items()})
+        assert torch.equal(other, run(m, torch.tensor([3, 2, 1]), "9", hooks=[fresh], seed=7))
+        assert torch.equal(run(m, y, "9", hooks=[cache]), first)
+
+
+def test_reset_is_what_protects_taylorseer(monkeypatch):
+    """Without reset() the second run would extrapolate from the first run's features (this test can fail)."""
+    m, y = tiny_model(depth=3), torch.arange(4)
+    cache = TaylorSeerCache(3, order=2)
+    first = run(m, y, "9", hooks=[cache])
+    monkeypatch.setattr(cache, "reset", lambda: None)
+    assert not torch.equal(run(m, y, "9", hooks=[cache]), first)
+
+
+def _count_block_forwards(m):
+    counts = [0] * len(m.blocks)
+    for i, b in enumerate(m.blocks):
+        b.register_forward_pre_hook(lambda mod, args, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_delta_dit_skips_the_cached_blocks():
+    """4 blocks, 10 steps (t = 999, 888, …, 0), interval 2, 2 cached blocks, boundary 500:
+    full steps 0, 2, 4, 6, 8; cached steps 1, 3 (t ≥ 500: rear blocks 2, 3) and 5, 7, 9 (t < 500: front 0, 1)."""
+    m = tiny_model(depth=4)
+    counts = _count_block_forwards(m)
+    cache = DeltaDiTCache(interval=2, blocks=2, boundary=500)
+    run(m, torch.arange(4), "10", hooks=[cache])
+    assert counts == [7, 7, 8, 8]
+    assert cache.skipped == 3 * 2 + 2 * 2 and cache.computed == sum(counts)
+    counts[:] = [0] * 4
+    run(m, torch.arange(4), "10")
+    assert counts == [10] * 4
+
+
+def test_delta_dit_reuses_the_range_residual():
+    """On a cached step the range's output is the current input plus Δ = out − in of the last full step."""
+    m = tiny_model(depth=4)
+    cache = DeltaDiTCache(interval=2, blocks=2, boundary=500)
+    cache.bind(m)
+    cache.reset()
+    g = torch.Generator().manual_seed(0)
+    x_old, x_new = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
+    c = torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        cache.on_step_begin(0, torch.tensor([900]))
+        full = m.forward_blocks(x_old, c, block_cache=cache)
+        assert torch.equal(full, m.forward_blocks(x_old, c))
+        h_old = m.forward_blocks(x_old, c, 0, 2)
+        delta_rear = full - h_old
+        delta_front = h_old - x_old
+        cache.on_step_begin(1, torch.tensor([800]))  # t ≥ 500: rear blocks cached
+        torch.testing.assert_close(m.forward_blocks(x_new, c, block_cache=cache),
+                                   m.forward_blocks(x_new, c, 0, 2) + delta_rear, rtol=0, atol=1e-6)
+        cache.on_step_begin(3, torch.tensor([100]))  # t < 500: front blocks cached
+        torch.testing.assert_close(m.forward_blocks(x_new, c, block_cache=cache),
+                                   m.forward_blocks(x_new + delta_front, c, 2, 4), rtol=0, atol=1e-6)
+
+
+def test_fora_skips_attention_and_mlp():
+    m = tiny_model(depth=2)
+    calls = {"attn": 0, "mlp": 0}
+    for b in m.blocks:
+        b.attn.register_forward_pre_hook(lambda *a: calls.__setitem__("attn", calls["attn"] + 1))
+        b.mlp.register_forward_pre_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
+    run(m, torch.arange(2), "9", hooks=[FORACache(3)])  # full steps 0, 3, 6
+    assert calls == {"attn": 3 * 2, "mlp": 3 * 2}
+
+
+def test_cache_under_cfg_holds_the_doubled_batch():
+    m, y = tiny_model(), torch.arange(3)
+    cache = FORACache(2)
+    run(m, y, "4", hooks=[cache])
+    assert all(shape[0] == 2 * 3 for shape, _ in cache.store.values())
+
+
+def test_build_accel_and_config_wiring():
+    from efdit.cli import sample_overrides
+    from efdit.sample import accel_hooks, generate
+    cfg = apply_overrides(Config(), sample_overrides({"accel": "taylorseer", "accel-kw": "interval=3,order=2",
+                                                      "steps": "6"}))
+    (hook,) = accel_hooks(cfg)
+    assert isinstance(hook, TaylorSeerCache) and hook.interval == 3 and hook.order == 2
+    assert isinstance(build_accel("delta", parse_kv("blocks=3,boundary=400")), DeltaDiTCache)
+    for name, kw, msg in (("fora2", "", "did you mean 'fora'"), ("fora", "intervall=3", "did you mean 'interval'"),
+                          ("taylorseer", "order=1.5", "integer"), ("none", "interval=2", "without")):
+        cfg.sample.accel, cfg.sample.accel_kwargs = name, kw
+        with pytest.raises(EfditError, match=msg):
+            accel_hooks(cfg)
+    # generate(): FORA with interval 1 is the plain sampler; the cache is reset between batches
+    m, y = tiny_model(num_classes=4), torch.tensor([0, 1, 2, 3, 0])
+    cfg.model.learn_sigma = True
+    cfg.sample.accel, cfg.sample.accel_kwargs = "none", ""
+    plain = generate(m, cfg, y, progress=False, batch_size=2)
+    cfg.sample.accel, cfg.sample.accel_kwargs = "fora", "interval=1"
+    assert torch.equal(generate(m, cfg, y, progress=False, batch_size=2), plain)
+    cfg.sample.accel_kwargs = "interval=2"
+    assert torch.equal(generate(m, cfg, y, progress=False, batch_size=2),
+                       generate(m, cfg, y, progress=False, batch_size=2))
