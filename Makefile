@@ -3,9 +3,9 @@
 #   make test   -- install, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,data,fid,lora
+EXTRAS ?= test,data,fid,lora,web
 
-.PHONY: setup data data-all test demo clean
+.PHONY: setup data data-all browser test demo clean
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 
@@ -19,10 +19,22 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt
 data:
 	@bash scripts/install_data.sh
 
+# Debian's Chromium + ChromeDriver for the browser test (tests/test_web.py), when missing and apt is usable;
+# without them that test is skipped, saying so.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; t0=$$(date +%s); \
+	  echo "installing Debian's chromium and chromium-driver (for the browser test)"; \
+	  if $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  then echo "chromium installed in $$(( $$(date +%s) - t0 )) s"; \
+	  else echo "could not install chromium: the browser test will be skipped"; fi; \
+	else echo "no apt-get: the browser test will be skipped"; fi
+
 data-all:
 	@bash scripts/install_data.sh --emoji
 
-test: setup data-all
+test: setup data-all browser
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 

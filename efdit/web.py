@@ -30,7 +30,7 @@ MAX_IMAGES = 16       # images of the chosen class per request
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GUIDANCE_MODES = ("auto", "none", "cfg", "super", "two_term")
 EXTRA_SAMPLE_FIELDS = ("hrig", "accel")  # sample.* options shown when the installed SampleConfig has them
-CSS = "#samples img, #siblings img { image-rendering: pixelated; }"
+CSS = "#samples img, #siblings img { image-rendering: pixelated; object-fit: contain !important; }"
 
 
 # ---- the model behind the page ------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
                 chosen = gr.Gallery(label="samples of the chosen class", columns=4, height=340, format="png",
                                     object_fit="contain", elem_id="samples")
                 family = gr.Gallery(label="the superclass's subclasses, side by side", columns=6, height=260,
-                                    format="png", object_fit="contain", elem_id="siblings")
+                                    format="png", object_fit="contain", fit_columns=False, elem_id="siblings")
 
         model_outputs = [sup, sub, guidance, scale, steps, sampler, info]
 
