@@ -29,7 +29,7 @@ MAX_SCALE = 20.0      # guidance scales outside [0, MAX_SCALE] are refused
 MAX_IMAGES = 16       # images of the chosen class per request
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GUIDANCE_MODES = ("auto", "none", "cfg", "super", "two_term")
-EXTRA_SAMPLE_FIELDS = ("hrig", "accel")  # sample.* options shown when the installed SampleConfig has them
+EXTRA_SAMPLE_FIELDS = ("hrig", "accel", "accel_kwargs")  # sample.* options shown when SampleConfig has them
 CSS = "#samples img, #siblings img { image-rendering: pixelated; object-fit: contain !important; }"
 
 
@@ -100,6 +100,15 @@ def extra_sample_options() -> dict[str, object]:
     """The HRIG / acceleration fields of the installed SampleConfig -> their defaults."""
     from .config import SampleConfig
     return {f.name: getattr(SampleConfig(), f.name) for f in fields(SampleConfig) if f.name in EXTRA_SAMPLE_FIELDS}
+
+
+def accel_choices() -> list[str] | None:
+    """The block caches of the installed efdit (none, fora, …), or None where it has no registry of them."""
+    try:
+        from .diffusion.hooks.cache import ACCEL
+    except ImportError:
+        return None
+    return ["none", *ACCEL]
 
 
 def _default_steps(spec: str) -> int:
@@ -218,6 +227,8 @@ def validate(served: ServedModel | None, req: Request):
         if k not in known:
             raise EfditError(f"option {k!r} is not available in this efdit")
         ov[f"sample.{k}"] = v
+    if req.sampler == "dpmpp2m":
+        ov["sample.eta"] = 0.0  # a deterministic solver; the page has no η control
     apply_overrides(cfg, ov)
 
     n = int(req.n)
@@ -358,8 +369,13 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
                 if extras:
                     with gr.Accordion("HRIG / acceleration", open=False):
                         for k, default in extras.items():
-                            extra_boxes.append(gr.Textbox(label=f"sample.{k}", value=str(default),
-                                                          placeholder="empty = off", elem_id=f"opt-{k}"))
+                            if k == "accel" and accel_choices():
+                                box = gr.Dropdown(accel_choices(), value=str(default), label="sample.accel "
+                                                  "(training-free block cache)", elem_id=f"opt-{k}")
+                            else:
+                                box = gr.Textbox(label=f"sample.{k}", value=str(default), elem_id=f"opt-{k}",
+                                                 placeholder="empty = off")
+                            extra_boxes.append(box)
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown("", elem_id="status")
                 with gr.Accordion("model file", open=served is None):
@@ -425,10 +441,11 @@ def serve(run: str | None = None, ckpt: str | None = None, host: str = "127.0.0.
     `block` is False)."""
     from .models.dit import resolve_device
     import importlib.util
+    path = find_checkpoint(run, ckpt) if (run or ckpt) else None
     if importlib.util.find_spec("gradio") is None:
         raise EfditError("the web page needs Gradio: pip install 'efdit[web]'")
     device = str(resolve_device(device or os.environ.get("EFDIT_DEVICE", "auto")))
-    served = ServedModel(find_checkpoint(run, ckpt), device) if (run or ckpt) else None
+    served = ServedModel(path, device) if path else None
     loopback = host in LOOPBACK
     app = build_app(served, device, allow_load=loopback)
     app.queue(default_concurrency_limit=1, max_size=64)

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from efdit.config import Config
 from efdit.data import Hierarchy
 from efdit.errors import EfditError
 from efdit.runs import build_model, save_model
-from efdit.web import MAX_SCALE, Request, ServedModel, find_checkpoint, generate_for, validate
+from efdit.web import (MAX_SCALE, Request, ServedModel, available_samplers, extra_sample_options, find_checkpoint,
+                       generate_for, validate)
 from tiny import randomize
 
 H, W = 12, 8  # non-square, so a transposed image cannot pass
@@ -106,6 +106,41 @@ def test_generate_for_gives_the_classes_at_model_size(served):
     assert not (px[0] == np.asarray(other[0][0])).all()
 
 
+def test_every_offered_sampler_and_option_runs(served):
+    samplers = available_samplers()
+    assert samplers[:2] == ["ddpm", "ddim"]
+    for name in samplers:  # dpmpp2m too, where this efdit has it
+        chosen, _, status = generate_for(served, Request("animals", "owl", "cfg", 2.0, 1.0, 3, name, 0, 1))
+        assert chosen[0][0].size == (W, H) and f"· {name}, 3 steps" in status
+    extras = extra_sample_options()
+    if "hrig" in extras:
+        with pytest.raises(EfditError, match="--hrig 'nonsense'"):
+            generate_for(served, Request("animals", "owl", "cfg", 2.0, 1.0, 3, "ddim", 0, 1, {"hrig": "nonsense"}))
+    if "accel" in extras:
+        opts = {"accel": "fora", "accel_kwargs": "interval=2"}
+        chosen, _, _ = generate_for(served, Request("animals", "owl", "cfg", 2.0, 1.0, 4, "ddim", 0, 1, opts))
+        assert chosen[0][0].size == (W, H)
+        with pytest.raises(EfditError, match="foraa"):
+            generate_for(served, Request("animals", "owl", "cfg", 2.0, 1.0, 3, "ddim", 0, 1, {"accel": "foraa"}))
+    with pytest.raises(EfditError, match="option 'turbo' is not available"):
+        validate(served, Request("animals", "owl", "cfg", 2.0, 1.0, 3, "ddim", 0, 1, {"turbo": "1"}))
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, capsys):
+    from efdit.cli import main as cli_main
+    assert cli_main(["serve", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("efdit: error: no model file in") and "\n" not in err
+    assert cli_main(["serve", "--ckpt", str(tmp_path / "x.safetensors"), "--port", "0"]) == 2
+    assert "--port must be from 1 to 65535" in capsys.readouterr().err
+
+
+def test_cli_and_web_modules_do_not_import_gradio():
+    code = "import sys, efdit, efdit.cli, efdit.web; print('gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ---- the page in a real browser ----------------------------------------------------------------------------
 def _browser_or_skip():
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
@@ -137,32 +172,14 @@ def _listen_addresses(port: int) -> set[str]:
 
 
 @pytest.fixture
-def server(ckpt, tmp_path):
+def server(ckpt):
+    """`efdit serve --ckpt CKPT --port PORT` in a background thread of this process (one torch import, not two)."""
     _browser_or_skip()
+    from efdit.web import serve
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "EFDIT_DEVICE": "cpu",
-           "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "efdit.cli", "serve", "--ckpt", str(ckpt), "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.time()
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() - t0 > 90:
-                proc.kill()
-                pytest.fail(f"efdit serve did not come up: {(tmp_path / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.25)
-    yield url, port, proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    app = serve(ckpt=str(ckpt), port=port, device="cpu", block=False)
+    yield f"http://127.0.0.1:{port}/", port
+    app.close()
 
 
 def _chrome(tmp_path):
@@ -177,12 +194,13 @@ def _chrome(tmp_path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas-3 deprecations
 def test_page_generates_in_chromium(server, served, tmp_path):
     from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-    url, port, _ = server
+    url, port = server
     assert _listen_addresses(port) == {"127.0.0.1"}  # loopback only unless --host says otherwise
     d = _chrome(tmp_path)
     try:
@@ -239,6 +257,9 @@ def test_page_generates_in_chromium(server, served, tmp_path):
         d.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda _: "unknown subclass 'buss'; did you mean 'bus'?" in status())
         assert "Traceback" not in d.page_source
+        d.save_screenshot(str(tmp_path / "web-error.png"))
+        if os.environ.get("EFDIT_SCREENSHOT_DIR"):
+            shutil.copy(tmp_path / "web-error.png", Path(os.environ["EFDIT_SCREENSHOT_DIR"]) / "web-error.png")
         assert len(d.find_elements(By.CSS_SELECTOR, "#samples img")) == 4  # the last good images stay
     finally:
         d.quit()
