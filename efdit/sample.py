@@ -30,6 +30,7 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
              batch_size: int = 256, hooks=(), seed: int | None = None) -> torch.Tensor:
     """Samples for `labels` (ids in the model's label space) -> uint8 (N, C, H, W)."""
     s = cfg.sample
+    check_sampler(cfg)
     diffusion = build_diffusion(cfg, s.steps)
     hooks = list(hooks) + hrig_hooks(cfg) + accel_hooks(cfg)
     gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
@@ -51,6 +52,15 @@ def hrig_hooks(cfg: Config) -> list:
         return [HRIG.from_spec(spec)]
     except ValueError as e:
         raise EfditError(f"--hrig {spec!r}: {e}") from None
+
+
+def check_sampler(cfg: Config) -> None:
+    from .diffusion.samplers import SAMPLERS
+    s = cfg.sample
+    if s.sampler not in SAMPLERS:
+        raise EfditError(f"--sampler must be {' | '.join(SAMPLERS)}, not {s.sampler!r}")
+    if s.sampler == "dpmpp2m" and s.eta != 0:
+        raise EfditError(f"--sampler dpmpp2m is deterministic: --eta must be 0, not {s.eta}")
 
 
 def accel_hooks(cfg: Config) -> list:

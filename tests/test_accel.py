@@ -250,6 +250,14 @@ def test_build_accel_and_config_wiring():
         cfg.sample.accel, cfg.sample.accel_kwargs = name, kw
         with pytest.raises(EfditError, match=msg):
             accel_hooks(cfg)
+    from efdit.sample import check_sampler
+    bad = Config()
+    bad.sample.sampler = "dpm"
+    with pytest.raises(EfditError, match="ddpm | ddim | dpmpp2m"):
+        check_sampler(bad)
+    bad.sample.sampler, bad.sample.eta = "dpmpp2m", 1.0
+    with pytest.raises(EfditError, match="eta"):
+        check_sampler(bad)
     # generate(): FORA with interval 1 is the plain sampler; the cache is reset between batches
     m, y = tiny_model(num_classes=4), torch.tensor([0, 1, 2, 3, 0])
     cfg.model.learn_sigma = True
