@@ -37,7 +37,7 @@ class GrainsConfig:
 class DVAEConfig:
     f1: int = 2                     # fine downsampling factor; coarse f2 = 2·f1 = region size S
     z_channels: int = 4
-    ch: int = 32
+    ch: int = 16
     ch_mult: str = "1,2"            # channel multiplier per resolution of the encoder (len = log2(f1) + 1)
     num_res_blocks: int = 1         # per downsampled resolution
     full_res_blocks: int = 0        # res blocks at the image resolution (encoder stem, decoder's last stage)
@@ -45,23 +45,23 @@ class DVAEConfig:
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0  # not implemented: must stay 0 (see dvae.py)
     train_ratios: str = "0,0.25,0.5,0.75,1"   # r_fine drawn per image while training: one DVAE for every ratio
-    lr: float = 2e-4
+    lr: float = 1e-3
     batch_size: int = 64
-    steps: int = 3000
-    minutes: float = 6.0
+    steps: int = 100_000
+    minutes: float = 10.0
 
 
 @dataclass
 class DGTConfig:
-    hidden_size: int = 128
+    hidden_size: int = 64
     depth: int = 4
     num_heads: int = 4
     class_dropout_prob: float = 0.1
     schedule: str = "cosine"
-    lr: float = 5e-4
-    batch_size: int = 128
-    steps: int = 3000
-    minutes: float = 4.0
+    lr: float = 1e-3
+    batch_size: int = 64
+    steps: int = 100_000
+    minutes: float = 10.0
     ema_decay: float = 0.999
     cfg_scale: float = 1.5
     sample_steps: int = 50
@@ -69,7 +69,7 @@ class DGTConfig:
 
 @dataclass
 class DCTConfig:
-    hidden_size: int = 128
+    hidden_size: int = 64
     trunk_depth: int = 4
     refine_depth: int = 2
     num_heads: int = 4
@@ -80,30 +80,30 @@ class DCTConfig:
     weighting: str = "per_grain"        # per_grain (w_c·mean_coarse + w_f·mean_fine) | per_code (pooled)
     w_coarse: float = 1.0
     w_fine: float = 1.0
-    lr: float = 5e-4
-    batch_size: int = 64
-    steps: int = 4000
-    minutes: float = 8.0
-    ema_decay: float = 0.999
+    lr: float = 1e-3
+    batch_size: int = 32
+    steps: int = 100_000
+    minutes: float = 12.0
+    ema_decay: float = 0.995
     schedule: str = "linear"
 
 
 @dataclass
 class DiTBaselineConfig:
     """A plain efdit DiT on the all-fine (f1) latent: same width, depth = trunk + refine, patch 2."""
-    hidden_size: int = 128
+    hidden_size: int = 64
     depth: int = 6
     num_heads: int = 4
-    lr: float = 5e-4
-    batch_size: int = 64
-    steps: int = 4000
-    minutes: float = 8.0
-    ema_decay: float = 0.999
+    lr: float = 1e-3
+    batch_size: int = 32
+    steps: int = 100_000            # the Table 3 row: set to the DCT's step count (same images seen)
+    minutes: float = 0.0
+    ema_decay: float = 0.995
 
 
 @dataclass
 class D2SampleConfig:
-    steps: str = "100"              # respacing of the DCT chain
+    steps: str = "50"               # respacing of the DCT chain
     sampler: str = "ddpm"
     cfg_scale: float = 1.5
     grain_cfg_scale: float = 1.5

@@ -41,7 +41,7 @@ LATENT_IMAGES = 20_000   # stage-2 training images (encoded once); the DGT uses 
 
 # ---- the generic loop -------------------------------------------------------------------------------------
 def fit(name: str, model: torch.nn.Module, loss_fn, lr: float, steps: int, minutes: float, ema_decay: float,
-        run_dir: Path, batch_size: int, progress: bool = True, log_every: int = 100, grad_clip: float = 1.0):
+        run_dir: Path, batch_size: int, progress: bool = True, log_every: int = 20, grad_clip: float = 1.0):
     """AdamW + EMA until `steps` or `minutes` (0 = no limit). loss_fn(gen) -> dict with "loss" (scalar)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -71,7 +71,7 @@ def fit(name: str, model: torch.nn.Module, loss_fn, lr: float, steps: int, minut
                     be.copy_(bm)
         step += 1
         for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + float(v)
+            window[k] = window.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         if step % log_every == 0:
             rec = {"step": step, "images": step * batch_size, "seconds": round(time.time() - start, 1),
                    **{k: round(v / log_every, 5) for k, v in window.items()}}
