@@ -66,7 +66,8 @@ class TrainConfig:
     grad_clip: float = 1.0          # 0 = off
     grad_accum: int = 1
     precision: str = "fp32"        # fp32 | bf16
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each block in the backward: far less activation memory, ~1/3 more compute
+    compile: bool = False           # torch.compile the training forward (falls back to eager with a warning)
     total_images: int = 10_000      # budget in images seen …
     minutes: float = 0.0            # … or in wall-clock minutes (0 = no time limit)
     log_every: int = 1_000          # images
@@ -91,6 +92,7 @@ class SampleConfig:
     per_class: int = 8
     seed: int = 0
     hrig: str = ""                 # HRIG hook spec, e.g. "band=259:673,r=2,cutoff=0.25,gain=-0.3" ("" = off)
+    compile: bool = False          # torch.compile the sampling forward (falls back to eager with a warning)
     accel: str = "none"            # training-free block cache: none | fora | delta (Δ-DiT) | taylorseer
     accel_kwargs: str = ""         # its options, e.g. "interval=3", "interval=3,order=2", "interval=2,blocks=3,boundary=500"
 

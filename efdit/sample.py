@@ -25,7 +25,7 @@ def guidance_of(cfg: Config) -> Guidance:
     return Guidance(mode, s.cfg_scale, s.cfg_scale_super, s.cfg_channels)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: bool = True,
              batch_size: int = 256, hooks=(), seed: int | None = None) -> torch.Tensor:
     """Samples for `labels` (ids in the model's label space) -> uint8 (N, C, H, W)."""
@@ -34,6 +34,8 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
     diffusion = build_diffusion(cfg, s.steps)
     hooks = list(hooks) + hrig_hooks(cfg) + accel_hooks(cfg)
     gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
+    from .models.compiled import maybe_compile
+    model = maybe_compile(model, s.compile)  # the model itself unless sample.compile
     out = []
     for i in range(0, len(labels), batch_size):
         y = labels[i:i + batch_size].to(device)

@@ -28,7 +28,8 @@ from .runs import build_diffusion, build_model, labels_for, save_model
 
 # Fields that may change between a run and its resumption (budgets, intervals, the device; sample.* too).
 RESUMABLE_CHANGES = ("train.total_images", "train.minutes", "train.log_every", "train.ckpt_every",
-                     "train.sample_every", "train.threads", "device", "run_dir")
+                     "train.sample_every", "train.threads", "train.compile",
+                     "train.grad_checkpointing", "device", "run_dir")
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -233,6 +234,8 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     budget_s = tc.minutes * 60 if tc.minutes else math.inf
     per_step = tc.batch_size * tc.grad_accum
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    from .models.compiled import maybe_compile
+    forward = maybe_compile(model, tc.compile)  # the model itself unless train.compile
     ema_params = [p for p in ema.parameters()]
     model_params = list(model.parameters())
     trainable = [p.requires_grad for p in model_params]
@@ -258,7 +261,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
                 noise = torch.randn(x.shape, generator=gen)
                 x, t, noise, y = x.to(device), t.to(device), noise.to(device), labels_for(cfg, sub, sup).to(device)
                 with autocast:
-                    terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
+                    terms = diffusion.training_losses(forward, x, t, dict(y=y), noise=noise)
                 loss = terms["loss"].mean() / tc.grad_accum
                 loss.backward()
                 for k, v in terms.items():
