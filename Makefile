@@ -3,7 +3,7 @@
 #   make test   -- install, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,data,fid,lora,web
+EXTRAS ?= test,data,fid,lora,web,latent
 
 .PHONY: setup data data-all browser test demo clean
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

@@ -22,6 +22,7 @@ commands:
   hrig      HRIG tools: train the learned enhancer of a run, sweep HRIG settings (same noise per row)
   demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
   export    write a run's EMA model as a standalone (fp16) model file
+  cache-latents  encode a dataset once with a local VAE into sharded latent files (resumable; torchrun splits it)
   d2it      D²iT (issue 9): train the stages, sample (grain maps beside images), the Table 5 benchmark
   grains    entropy grain maps: compute-thresholds (dataset percentiles, once), show (overlay PNG)
   serve     a local web page (Gradio, efdit[web]): browse the hierarchy and generate
@@ -49,7 +50,11 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = p.parse_known_args(argv)
     cfg = build_config(args.preset, parse_override_args(rest))
-    train(cfg, progress=not args.no_progress, dry_run=args.dry_run)
+    from . import distributed
+    try:
+        train(cfg, progress=not args.no_progress, dry_run=args.dry_run)
+    finally:
+        distributed.cleanup()
     return 0
 
 
@@ -157,6 +162,40 @@ def cmd_serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def cmd_cache_latents(argv: list[str]) -> int:
+    from . import distributed
+    from .config import build_config, parse_override_args
+    from .latent import cache_latents, load_autoencoder
+    from .train import default_split, load_data
+    p = _parser("cache-latents", "Encode a dataset with a local VAE into sharded safetensors (posterior mean + std, "
+                                 "optional mirrored pair). Rerun to resume; under torchrun the shards are split.")
+    p.add_argument("--preset", default="", help="a preset naming the dataset, size and VAE (e.g. "
+                                                 "inat21-dit-xl2-256-efdit)")
+    p.add_argument("--out", required=True, help="the cache folder (train with --latent-cache OUT)")
+    p.add_argument("--split", default="", help="the split to encode (default: the dataset's training split)")
+    p.add_argument("--shard-size", type=int, default=4096, help="items per shard file (default 4096)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call (default 32)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"], help="storage of mean / std")
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--no-progress", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    cfg = build_config(args.preset or None, parse_override_args(rest))
+    cfg.data.latent_cache = ""
+    info = distributed.setup(cfg.device)
+    try:
+        ds = load_data(cfg, args.split or cfg.data.split or default_split(cfg.data.dataset), lazy=True)
+        vae = load_autoencoder(cfg.data.vae, device=info.device, channels=ds.num_channels)
+        out = cache_latents(ds, vae, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                            hflip=cfg.data.hflip, dtype=args.dtype, progress=not args.no_progress and info.is_main,
+                            rank=info.rank, world_size=info.world_size, num_workers=args.workers)
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
+    if info.is_main:
+        print(f"{len(ds):,} images of {ds.name} -> {out} ({vae.describe()['kind']}, flips: {cfg.data.hflip})")
+    return 0
+
+
 def cmd_presets(argv: list[str]) -> int:
     from .config import PRESETS
     for name, ov in PRESETS.items():
@@ -165,7 +204,8 @@ def cmd_presets(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "ablate": cmd_ablate,
-            "hrig": cmd_hrig, "demo": cmd_demo, "export": cmd_export, "serve": cmd_serve,
+            "hrig": cmd_hrig, "cache-latents": cmd_cache_latents, "demo": cmd_demo, "export": cmd_export,
+            "serve": cmd_serve,
             "presets": cmd_presets}
 
 

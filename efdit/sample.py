@@ -36,11 +36,15 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
     gen = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
     from .models.compiled import maybe_compile
     model = maybe_compile(model, s.compile)  # the model itself unless sample.compile
+    from .latent.autoencoder import latent_decoder
+    decode = latent_decoder(cfg, device)  # None in pixel space; latents are decoded by the run's VAE
     out = []
     for i in range(0, len(labels), batch_size):
         y = labels[i:i + batch_size].to(device)
         x = sample(model, y, diffusion, method=s.sampler, eta=s.eta, guidance=guidance_of(cfg), hooks=hooks,
-                   generator=gen, clip_x0=s.clip_x0, progress=progress)
+                   generator=gen, clip_x0=s.clip_x0 and decode is None, progress=progress)
+        if decode is not None:
+            x = decode(x)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
 

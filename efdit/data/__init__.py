@@ -21,9 +21,12 @@ DATASETS: dict[str, str] = {
     "digits": "scikit-learn digits, 1,797 x 8x8 gray, 10 digits under 3 made-up superclasses (always available)",
     "fmnist": "Fashion-MNIST, 60k+10k x 28x28 gray, 10 classes under 4 superclasses (Debian dataset-fashion-mnist)",
     "emoji": "emoji drawings (Google + Twitter), 32x32 RGB, Unicode group -> subgroup -> emoji (npm, --emoji)",
-    "folder": "your images: root/<superclass>/<subclass>/*.png|jpg|... (needs root)",
+    "folder": "your images: root/<superclass>/<subclass>/*.png|jpg|... (needs root; lazy=True reads on access)",
+    "inat21": "iNaturalist 2021 (root: train_mini.json + train_mini/ …), 10,000 species / 11 supercategories, lazy",
+    "vegfru": "VegFru (root: vegfru_list/ + veg200_images/ + fru92_images/), 292 / 25, lazy",
 }
-ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist", "sklearn-digits": "digits"}
+ALIASES = {"inat": "inat21", "inat2021": "inat21", "inaturalist": "inat21", "inat-2021": "inat21",
+           "fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist", "sklearn-digits": "digits"}
 
 __all__ = ["Hierarchy", "HierarchicalDataset", "build_dataset", "DATASETS"]
 
@@ -69,11 +72,25 @@ def build_dataset(name: str, split: str = "train", image_size: int | tuple[int, 
         from efdit.data.emoji import load_emoji
         return _call(key, load_emoji, split, image_size=image_size, channels=channels, root=root,
                           super_level=super_level, sub_level=sub_level, **kw)
+    if key in ("inat21", "vegfru"):
+        if root is None:
+            raise EfditError(f"dataset {key!r} needs root (its folder; see `efdit.data.{key[:4]}` for the layout)")
+        _reject(key, super_level=super_level, sub_level=sub_level)
+        if key == "inat21":
+            from efdit.data.inat import load_inat21 as loader
+        else:
+            from efdit.data.vegfru import load_vegfru as loader
+        return _call(key, loader, root, split, image_size=image_size, channels=channels, on_bad_image=on_bad_image,
+                     **kw)
     if key == "folder":
         from efdit.data.folder import load_folder
         if root is None:
             raise EfditError("dataset 'folder' needs root (a folder laid out as root/<superclass>/<subclass>/*.png)")
         _reject(key, super_level=super_level, sub_level=sub_level)
+        if kw.pop("lazy", False):
+            from efdit.data.files import folder_files
+            return _call(key, folder_files, root, split, image_size=image_size, channels=channels,
+                         on_bad_image=on_bad_image, **kw)
         return _call(key, load_folder, root, split, image_size=image_size, channels=channels,
                      on_bad_image=on_bad_image, **kw)
     close = difflib.get_close_matches(str(name).lower(), list(DATASETS) + list(ALIASES), n=3, cutoff=0.5)

@@ -172,6 +172,17 @@ class HierarchicalDataset(Dataset):
             x, sub, sup = x.to(device), sub.to(device), sup.to(device)
         return x, sub, sup
 
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, hflip: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items idx (B,): x float32 (B, C, H, W) in [-1, 1], sub (B,), super (B,) (what the training loop reads;
+        the index draw is the loop's, e.g. per rank)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        x = to_signed(self.images[idx])
+        if hflip:
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.sub_labels[idx], self._super_labels[idx]
+
     # ---- subsets -----------------------------------------------------------------------------
     def set_per_image(self, field: str, values) -> None:
         """Attach a per-image field (tensor or list of length N) as attribute `field`; subsets slice it."""
