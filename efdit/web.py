@@ -403,7 +403,7 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
                 subs = sv.subclasses_of(str(value).strip())
             except EfditError as e:
                 return gr.update(choices=[], value=None), _error_text(e)
-            return gr.update(choices=subs, value=subs[0] if subs else None), ""
+            return gr.update(choices=subs, value=subs[0] if subs else None), gr.update()  # keep the status
 
         def on_load(text):
             try:
