@@ -51,6 +51,9 @@ def find_checkpoint(run: str | os.PathLike | None = None, ckpt: str | os.PathLik
         return run
     if not run.is_dir():
         raise EfditError(f"run folder not found: {run}")
+    if is_d2it_run(run):
+        raise EfditError(f"{run} is a D²iT run: the web page cannot serve D²iT runs yet "
+                         f"(`efdit d2it sample {run}` samples it, with its grain maps)")
     looked = [run / "model.safetensors", run / "train" / "model.safetensors"]
     for p in looked:
         if p.is_file():
@@ -77,6 +80,16 @@ def is_d2it(meta: dict) -> bool:
     """D²iT model files say so in their metadata (`kind`/`model` "d2it", or a `d2it` section)."""
     tags = {str(meta.get(k, "")).lower().replace("²", "2") for k in ("kind", "model", "model_type", "family")}
     return "d2it" in meta or any(t.startswith("d2it") for t in tags)
+
+
+def is_d2it_run(run: Path) -> bool:
+    """A D²iT run folder: stage files (dvae / dgt / dct .safetensors) or a config with those sections."""
+    if any((run / f"{stage}.safetensors").is_file() for stage in ("dvae", "dgt", "dct")):
+        return True
+    try:
+        return {"dvae", "dgt", "dct"} <= set(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def available_samplers() -> list[str]:
@@ -124,21 +137,13 @@ class ServedModel:
         self.path = Path(path)
         meta = read_metadata(self.path)
         if is_d2it(meta):
-            # TODO(D²iT): serving needs a D²iT sampler that returns images and grain maps; the page is ready
-            # for them (`grains` in generate_for). Until efdit.d2it provides `load_for_serving`, refuse clearly.
-            try:
-                from . import d2it
-            except ImportError:
-                d2it = None
-            loader = getattr(d2it, "load_for_serving", None)
-            if loader is None:
-                raise EfditError(f"{self.path} is a D²iT checkpoint, and this efdit cannot serve D²iT models yet")
-            self.backend = loader(self.path, device)
-            self.model, self.cfg, self.hierarchy = None, self.backend.cfg, self.backend.hierarchy
-            self.meta, self.d2it = meta, True
-        else:
-            self.model, self.cfg, self.hierarchy, self.meta = load_model(self.path, device)
-            self.backend, self.d2it = None, False
+            # TODO(D²iT): wrap efdit.d2it.pipeline.D2iTPipeline (run folder -> images, grain maps) as `backend`
+            # with a `generate(labels, cfg, progress) -> (uint8 images, grain maps)`; generate_for already shows
+            # each grain map beside its image (grain_map_images).
+            raise EfditError(f"{self.path} is a D²iT file: the web page cannot serve D²iT runs yet "
+                             f"(`efdit d2it sample RUN_DIR` samples them, with their grain maps)")
+        self.model, self.cfg, self.hierarchy, self.meta = load_model(self.path, device)
+        self.backend, self.d2it = None, False
         self.device = device
         self.lock = threading.Lock()  # one sampling run at a time on this model
 

@@ -22,9 +22,10 @@ import torch
 from efdit.config import Config
 from efdit.data import Hierarchy
 from efdit.errors import EfditError
+from efdit.models.checkpoint import save_safetensors
 from efdit.runs import build_model, save_model
 from efdit.web import (MAX_SCALE, Request, ServedModel, available_samplers, extra_sample_options, find_checkpoint,
-                       generate_for, validate)
+                       generate_for, grain_map_images, validate)
 from tiny import randomize
 
 H, W = 12, 8  # non-square, so a transposed image cannot pass
@@ -64,6 +65,22 @@ def test_find_checkpoint(ckpt, tmp_path):
         find_checkpoint(run=tmp_path)
     with pytest.raises(EfditError, match="checkpoint not found"):
         find_checkpoint(ckpt=tmp_path / "nope.safetensors")
+    d2 = tmp_path / "d2"
+    d2.mkdir()
+    (d2 / "config.json").write_text('{"dvae": {}, "dgt": {}, "dct": {}, "data": {}}')
+    with pytest.raises(EfditError, match="is a D²iT run: the web page cannot serve D²iT runs yet"):
+        find_checkpoint(run=d2)
+    save_safetensors(d2 / "dct.safetensors", {"w": torch.zeros(1)}, {"kind": "d2it", "config": {}})
+    with pytest.raises(EfditError, match="is a D²iT file"):
+        ServedModel(d2 / "dct.safetensors")
+
+
+def test_grain_map_images_are_red_fine_blue_coarse():
+    maps = torch.tensor([[[1, 0], [0, 1]]])                       # (1, 2, 2): fine on the diagonal
+    img = grain_map_images(maps, 4)                               # (1, 3, 4, 4), 2x2 px per region
+    assert img.shape == (1, 3, 4, 4) and img.dtype == torch.uint8
+    assert img[0, :, 0, 0].tolist() == [230, 50, 50] and img[0, :, 1, 1].tolist() == [230, 50, 50]
+    assert img[0, :, 0, 3].tolist() == [50, 90, 230] and img[0, :, 3, 0].tolist() == [50, 90, 230]
 
 
 def test_validate_builds_labels_and_refuses_bad_input(served):
