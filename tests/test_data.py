@@ -101,7 +101,7 @@ def test_build_dataset_errors():
     msg = str(e.value)
     assert "unknown dataset 'fmnst'" in msg and "did you mean 'fmnist'" in msg
     assert "known: digits, emoji, fmnist, folder" in msg
-    assert set(DATASETS) == {"digits", "emoji", "fmnist", "folder"}
+    assert set(DATASETS) == {"digits", "emoji", "fmnist", "folder", "inat21", "vegfru"}
     with pytest.raises(EfditError, match="needs root"):
         build_dataset("folder")
     with pytest.raises(EfditError, match="does not take"):
