@@ -381,12 +381,14 @@ def report(R: dict) -> str:
          f"2048² fp32 matmul: {R['matmul'][0]:.1f} GFLOP/s at the start, {R['matmul'][1]:.1f} at the end; "
          f"shares below are of the better one, **{rate:.1f} GFLOP/s**.",
          "",
-         f"Parameters (asserted equal, diffusers' per-block embedder copies tied): "
+         "Parameters (asserted equal, diffusers' per-block embedder copies tied): "
          + "; ".join(f"{a} {n:,} (diffusers as shipped, untied: {u:,})" for a, (n, u) in R["params"].items()) + ".",
          ""]
     names = {"efdit": "efdit", "diffusers": "diffusers", "efdit-compile": "efdit compile", "efdit-ckpt": "efdit ckpt"}
 
     def table(title, rows, unit_flops):
+        if not rows:
+            return
         L.extend([f"{title} (img/s, best call; share of the matmul rate in brackets)", ""])
         cols = [v for v in names if any(v in r["t"] for r in rows)]
         L.append("| model | batch | GFLOP/img | " + " | ".join(names[c] for c in cols) +
@@ -427,7 +429,9 @@ def report(R: dict) -> str:
             L.append(f"| {v} | {fmt(m['step_mib'], 0)} | {fmt(m['step_mib_per_img'], 1)} | {rel} | "
                      f"{m['peak_rss_mib']:.0f} | {m['seconds']:.1f} |")
         L.append("")
-    s = R["sampling"]
+    s = R.get("sampling")
+    if not s:
+        return "\n".join(L)
     L.extend([f"**Sampling**, {s['arch']}, {s['steps']}-step DDIM, CFG scale 4 (both branches), {s['batch']} images "
               f"per chain, best of {s['rounds']} chain(s) after a warm-up chain", "",
               "| sampler | s / image | vs diffusers loop | forwards / step | forward batch | share of matmul rate |",
@@ -501,6 +505,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--compile", action="store_true", help="--quick: include the torch.compile variants (slow)")
+    p.add_argument("--parts", default="forward,train,memory,sampling", help="which measurements (comma-separated)")
     p.add_argument("--out", default="", help="results file (default: benchmarks/RESULTS.md in full mode)")
     p.add_argument("--json", default="", help="also write the raw numbers here")
     p.add_argument("--_memory-child", dest="memory_child", default="", help=argparse.SUPPRESS)
@@ -511,8 +516,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
     t_start = time.time()
-    R = {"machine": machine_info(args.threads), "command": "python benchmarks/peers.py" + (" --quick" if args.quick
-                                                                                            else "")}
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+    shown = re.sub(r"--(json|out)[ =]\S+", "", shown).split()
+    R = {"machine": machine_info(args.threads), "command": " ".join([".venv/bin/python benchmarks/peers.py", *shown])}
     if args.quick:
         archs, inp, fwd_batches = ["tiny"], 16, [2]
         train_cfgs, mem_cfg, samp = [("tiny", 2)], ("tiny", 2), ("tiny", 1, 3)
@@ -522,53 +528,57 @@ def main(argv=None) -> dict:
         train_cfgs, mem_cfg, samp = [("DiT-S/2", 32), ("DiT-B/2", 8)], ("DiT-S/2", 32), ("DiT-S/2", 2, 50)
         args.min_time, args.max_rounds, args.sample_rounds = 5.0, 4, 1
     compile_on = not args.no_compile and (args.compile or not args.quick)
+    parts = set(args.parts.split(","))
     R["matmul"] = [matmul_gflops()]
     print(f"matmul 2048²: {R['matmul'][0]:.1f} GFLOP/s", flush=True)
     R["params"] = {a: check_same_size(a, inp) for a in archs}
     R["compile_seconds"] = args.compile_seconds = {}
 
-    R["forward"] = []
-    for arch in archs:
-        s = sizes_of(arch)
-        for b in fwd_batches:
-            variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else [])
-            t = bench_forward(arch, inp, b, variants, args)
+    R["forward"], R["train"], R["memory"] = [], [], {}
+    if "forward" in parts:
+        for arch in archs:
+            s = sizes_of(arch)
+            for b in fwd_batches:
+                variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else [])
+                t = bench_forward(arch, inp, b, variants, args)
+                fl = dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)
+                R["forward"].append({"arch": arch, "batch": b, "flops": fl, "t": t})
+                if "efdit-compile" in t:
+                    R["compile_seconds"][f"forward {arch} b{b}"] = t["efdit-compile"]["warmup"]
+                print(f"forward {arch} b{b}: " + ", ".join(f"{k} {b / v['best']:.2f} img/s" for k, v in t.items()),
+                      flush=True)
+
+    if "train" in parts:
+        for arch, b in train_cfgs:
+            s = sizes_of(arch)
+            variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on and arch == mem_cfg[0] else []) + \
+                (["efdit-ckpt"] if arch == mem_cfg[0] else [])
+            t = bench_train(arch, inp, b, variants, args)
             fl = dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)
-            R["forward"].append({"arch": arch, "batch": b, "flops": fl, "t": t})
+            R["train"].append({"arch": arch, "batch": b, "flops": fl, "t": t})
             if "efdit-compile" in t:
-                R["compile_seconds"][f"forward {arch} b{b}"] = t["efdit-compile"]["warmup"]
-            print(f"forward {arch} b{b}: " + ", ".join(f"{k} {b / v['best']:.2f} img/s" for k, v in t.items()),
+                R["compile_seconds"][f"train {arch} b{b}"] = t["efdit-compile"]["warmup"]
+            print(f"train {arch} b{b}: " + ", ".join(f"{k} {b / v['best']:.2f} img/s" for k, v in t.items()), flush=True)
+
+    if "memory" in parts:
+        arch, b = mem_cfg
+        mem_variants = ["efdit-ckpt", "diffusers"] if args.quick else ["efdit", "efdit-ckpt", "diffusers", "diffusers-ckpt"]
+        mem = bench_memory(arch, inp, b, mem_variants, args.threads)
+        R["memory"] = {(arch, b): mem}
+        for v, m in mem.items():
+            print(f"memory {arch} b{b} {v}: " + (m["error"] if "error" in m else
+                                                 f"{fmt(m['step_mib_per_img'], 1)} MiB/img, peak {m['peak_rss_mib']:.0f} MiB"),
                   flush=True)
 
-    R["train"] = []
-    for arch, b in train_cfgs:
+    if "sampling" in parts:
+        arch, b, steps = samp
         s = sizes_of(arch)
-        variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on and arch == mem_cfg[0] else []) + \
-            (["efdit-ckpt"] if arch == mem_cfg[0] else [])
-        t = bench_train(arch, inp, b, variants, args)
-        fl = dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)
-        R["train"].append({"arch": arch, "batch": b, "flops": fl, "t": t})
-        if "efdit-compile" in t:
-            R["compile_seconds"][f"train {arch} b{b}"] = t["efdit-compile"]["warmup"]
-        print(f"train {arch} b{b}: " + ", ".join(f"{k} {b / v['best']:.2f} img/s" for k, v in t.items()), flush=True)
-
-    arch, b = mem_cfg
-    mem_variants = ["efdit-ckpt", "diffusers"] if args.quick else ["efdit", "efdit-ckpt", "diffusers", "diffusers-ckpt"]
-    mem = bench_memory(arch, inp, b, mem_variants, args.threads)
-    R["memory"] = {(arch, b): mem}
-    for v, m in mem.items():
-        print(f"memory {arch} b{b} {v}: " + (m["error"] if "error" in m else
-                                             f"{fmt(m['step_mib_per_img'], 1)} MiB/img, peak {m['peak_rss_mib']:.0f} MiB"),
+        variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else [])
+        res = bench_sampling(arch, inp, b, steps, variants, args)
+        R["sampling"] = {"arch": arch, "batch": b, "steps": steps, "rounds": args.sample_rounds, "res": res,
+                         "flops_per_img": 2 * steps * dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)}
+        print(f"sampling {arch} {steps} steps: " + ", ".join(f"{k} {v['s_per_img']:.2f} s/img" for k, v in res.items()),
               flush=True)
-
-    arch, b, steps = samp
-    s = sizes_of(arch)
-    variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else [])
-    res = bench_sampling(arch, inp, b, steps, variants, args)
-    R["sampling"] = {"arch": arch, "batch": b, "steps": steps, "rounds": args.sample_rounds, "res": res,
-                     "flops_per_img": 2 * steps * dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)}
-    print(f"sampling {arch} {steps} steps: " + ", ".join(f"{k} {v['s_per_img']:.2f} s/img" for k, v in res.items()),
-          flush=True)
 
     R["matmul"].append(matmul_gflops())
     R["matmul_rate"] = max(R["matmul"])
