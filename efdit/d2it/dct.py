@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from ..models.dit import DiTBlock, FinalLayer, modulate
 from ..models.embedders import LabelEmbedder, TimestepEmbedder
-from .grains import upsample_map
 
 
 class RefineBlock(DiTBlock):

@@ -76,7 +76,6 @@ def sample_dct(model, labels, grain, diffusion, method="ddpm", cfg_scale=1.0, ge
                progress=True, project=None):
     """Sample multi-grained latents (N, C, 2h, 2w) for labels (N,) and grain maps (N, h, w). Every injected
     noise (x_T and the ancestral σ·z) is multi-grained under the same map; CFG uses the same map in both branches."""
-    shape = (labels.shape[0], model.in_channels, *model.input_size)
     guidance = Guidance("cfg", cfg_scale) if cfg_scale != 1.0 else Guidance()
     return sample(model, labels, diffusion, method=method, guidance=guidance, hooks=hooks, generator=generator,
                   noise_fn=lambda s, g: multigrain_noise(s, grain, g), model_kwargs={"grain": grain},
