@@ -47,6 +47,8 @@ def test_dpmpp2m_update_by_hand():
     # no history -> first order, which is DDIM: α_t·x̂0 + σ_t·ε
     first, _ = dpmpp2m_update(x, x0, eps, ab, ab_t, None)
     torch.testing.assert_close(first, math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps)
+    forced, _ = dpmpp2m_update(x, x0, eps, ab, ab_t, (x0_prev, lam(ab_prev_prev)), first_order=True)
+    assert torch.equal(forced, first)
     # to the clean end (ᾱ = 1) -> x̂0, whatever the history
     last, _ = dpmpp2m_update(x, x0, eps, ab, 1.0, (x0_prev, 0.0))
     assert torch.equal(last, x0)
@@ -68,13 +70,13 @@ def test_dpmpp2m_converges_to_ddim250():
 
 @pytest.mark.parametrize("mode", ["none", "cfg", "super", "two_term"])
 def test_dpmpp2m_with_every_guidance_mode(mode):
-    """Two chain steps are both first order (warm-up, then t = 0 -> clean), so they equal DDIM bit for bit; with
-    three the second-order step changes the sample."""
+    """Three chain steps are all first order (warm-up, lower-order final into t = 0, then t = 0 -> clean), so they
+    equal DDIM bit for bit; with four the second-order step changes the sample."""
     parent = torch.tensor([0, 0, 1, 1])
     m = randomize(tiny_model(y_embedder=TieredEmbedder(4, 2, parent, 32, mode="sum", null_prob=0.1)))
     y, g = torch.arange(4), Guidance(mode, 3.0, scale_super=1.5)
-    assert torch.equal(run(m, y, "2", "dpmpp2m", guidance=g), run(m, y, "2", "ddim", guidance=g))
-    a, b = run(m, y, "3", "dpmpp2m", guidance=g), run(m, y, "3", "ddim", guidance=g)
+    assert torch.equal(run(m, y, "3", "dpmpp2m", guidance=g), run(m, y, "3", "ddim", guidance=g))
+    a, b = run(m, y, "4", "dpmpp2m", guidance=g), run(m, y, "4", "ddim", guidance=g)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
 
 

@@ -13,8 +13,11 @@ from 999 down to 0, both ends included), only the update differs. With α = sqrt
     first order (= DDIM, η = 0):  x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·x̂0_s
     second order (2M):            x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·D,
                                   D = (1 + 1/(2r))·x̂0_s − 1/(2r)·x̂0_prev,  r = h_prev/h
-The first step (no history yet) and the last one (t = 0 -> σ = 0, λ = ∞: it returns x̂0, as DDIM does) are
-first order. x̂0 is the guided, clipped (`clip_x0`) and hook-modified prediction of each step.
+The first step (no history yet) and the last two are first order: the step into t = 0 (on the uniform-in-t grid
+it is the longest in λ, so r ≪ 1 and the 2M coefficient 1/(2r) would amplify x̂0's changes; "lower order final",
+which measured 6.0 -> 4.3 (10 steps) and 3.2 -> 2.0 (20 steps) mean |Δ| /255 to DDIM-250 on fmnist-base) and the
+step t = 0 -> σ = 0 (λ = ∞: it returns x̂0, as DDIM does). x̂0 is the guided, clipped (`clip_x0`) and
+hook-modified prediction of each step.
 """
 from __future__ import annotations
 
@@ -73,15 +76,16 @@ class Guidance:
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
-def dpmpp2m_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float, history):
+def dpmpp2m_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float, history,
+                   first_order: bool = False):
     """One DPM-Solver++(2M) step from ᾱ_s = `ab` to ᾱ_t = `ab_prev` (formulas in the module docstring).
 
     x0, eps: the (consistent) data and noise predictions at s; history: (x̂0, λ) of the previous step or None.
-    Returns (x_t, history for the next step). First order when there is no history or t is the clean end (ᾱ = 1);
-    that branch is DDIM's update written the same way, so the first step equals DDIM's bit for bit.
+    Returns (x_t, history for the next step). First order when asked, when there is no history, or when t is the
+    clean end (ᾱ = 1); that branch is DDIM's update written the same way, so such steps equal DDIM's bit for bit.
     """
     lam_s = 0.5 * math.log(ab / (1 - ab))
-    if history is None or ab_prev >= 1.0:
+    if first_order or history is None or ab_prev >= 1.0:
         x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
         return x, (x0, lam_s)
     x0_prev, lam_prev = history
@@ -174,7 +178,7 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
             mean = pred.mean if x0 is pred.x0 else diffusion.q_posterior(x0, x, t_idx)[0]
             x = mean + torch.exp(0.5 * pred.log_variance) * noise_fn(shape, generator) if i > 0 else mean
         elif method == "dpmpp2m":
-            x, history = dpmpp2m_update(x, x0, eps, ab, ab_prev, history)
+            x, history = dpmpp2m_update(x, x0, eps, ab, ab_prev, history, first_order=i <= 1)  # lower-order final
         else:
             sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
             x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
