@@ -117,7 +117,7 @@ def _model_forward(model, x, t, labels, guidance: Guidance, model_kwargs: dict, 
     return torch.cat([guided, chunks[0][:, n_guided:]], dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method: str = "ddpm", eta: float = 0.0,
            guidance: Guidance | None = None, hooks: Sequence[SamplerHook] = (), generator: torch.Generator | None = None,
            noise_fn: Callable | None = None, project: Callable | None = None, clip_x0: bool = False,
