@@ -4,6 +4,9 @@ Pick a superclass, then one of its subclasses (the lists come from the hierarchy
 set guidance, steps, sampler, seed and the HRIG / acceleration options the installed efdit knows, and
 Generate: the chosen class's samples, and one sample of every subclass of the superclass side by side.
 
+D²iT run folders are served too (`efdit.web_backends.D2iTServed`): each image is shown beside its grain map,
+and the options D²iT lacks (HRIG, block caches) are hidden.
+
 Everything that decides what is sampled lives in plain functions (`ServedModel`, `validate`, `generate_for`)
 so that it is testable without a browser; `build_app` only wires them to Gradio widgets. Bad input becomes a
 one-line message in the page's status box, never a traceback. Gradio is imported only here, lazily
@@ -30,13 +33,14 @@ MAX_IMAGES = 16       # images of the chosen class per request
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GUIDANCE_MODES = ("auto", "none", "cfg", "super", "two_term")
 EXTRA_SAMPLE_FIELDS = ("hrig", "accel", "accel_kwargs")  # sample.* options shown when SampleConfig has them
+SCALE_SUPER_LABEL = "superclass scale (two_term)"
 CSS = "#samples img, #siblings img { image-rendering: pixelated; object-fit: contain !important; }"
 
 
 # ---- the model behind the page ------------------------------------------------------------------------------
 def find_checkpoint(run: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None) -> Path:
     """The model file of `--ckpt FILE` or of `--run DIR` (DIR/model.safetensors, or DIR/train/… as `efdit demo`
-    writes it)."""
+    writes it); a D²iT run folder is returned as the folder (`open_model` serves it)."""
     if ckpt:
         path = Path(ckpt)
         if path.is_dir():
@@ -52,8 +56,7 @@ def find_checkpoint(run: str | os.PathLike | None = None, ckpt: str | os.PathLik
     if not run.is_dir():
         raise EfditError(f"run folder not found: {run}")
     if is_d2it_run(run):
-        raise EfditError(f"{run} is a D²iT run: the web page cannot serve D²iT runs yet "
-                         f"(`efdit d2it sample {run}` samples it, with its grain maps)")
+        return run
     looked = [run / "model.safetensors", run / "train" / "model.safetensors"]
     for p in looked:
         if p.is_file():
@@ -136,12 +139,9 @@ class ServedModel:
         from .runs import load_model
         self.path = Path(path)
         meta = read_metadata(self.path)
-        if is_d2it(meta):
-            # TODO(D²iT): wrap efdit.d2it.pipeline.D2iTPipeline (run folder -> images, grain maps) as `backend`
-            # with a `generate(labels, cfg, progress) -> (uint8 images, grain maps)`; generate_for already shows
-            # each grain map beside its image (grain_map_images).
-            raise EfditError(f"{self.path} is a D²iT file: the web page cannot serve D²iT runs yet "
-                             f"(`efdit d2it sample RUN_DIR` samples them, with their grain maps)")
+        if is_d2it(meta):  # open_model serves the run folder of a stage file
+            raise EfditError(f"{self.path} is a D²iT stage file outside a D²iT run folder (no config.json "
+                             f"beside it): serve the run folder `efdit d2it train` wrote")
         self.model, self.cfg, self.hierarchy, self.meta = load_model(self.path, device)
         self.backend, self.d2it = None, False
         self.device = device
@@ -150,6 +150,19 @@ class ServedModel:
     @property
     def label_space(self) -> str:
         return self.cfg.model.condition_on
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.diffusion.steps
+
+    def samplers(self) -> list[str]:
+        return available_samplers()
+
+    def defaults(self) -> dict:
+        s, modes = self.cfg.sample, self.guidance_modes()
+        return {"guidance": s.guidance if s.guidance in modes else "auto", "scale": s.cfg_scale,
+                "scale_super": s.cfg_scale_super, "steps": min(_default_steps(s.steps), self.max_steps),
+                "sampler": s.sampler}
 
     def guidance_modes(self) -> list[str]:
         emb = getattr(self.model, "y_embedder", None) if self.model is not None else None
@@ -170,6 +183,17 @@ class ServedModel:
                 f"{h.num_sub} subclasses under {h.num_super} superclasses")
 
 
+def open_model(path: str | os.PathLike, device: str = "cpu"):
+    """A model file -> ServedModel; a D²iT run folder (or one of its stage files) -> D2iTServed."""
+    path = Path(path)
+    if path.is_file() and is_d2it(read_metadata(path)) and (path.parent / "config.json").is_file():
+        path = path.parent
+    if path.is_dir() and is_d2it_run(path):
+        from .web_backends import D2iTServed
+        return D2iTServed(path, device)
+    return ServedModel(path, device)
+
+
 # ---- one request -------------------------------------------------------------------------------------------
 @dataclass
 class Request:
@@ -185,7 +209,7 @@ class Request:
     extras: dict = field(default_factory=dict)  # sample.hrig / sample.accel values
 
 
-def validate(served: ServedModel | None, req: Request):
+def validate(served, req: Request):
     """-> (config for this request, labels (N,), captions, number of images of the chosen class).
 
     Every refusal is an EfditError with a message meant for the page."""
@@ -212,10 +236,10 @@ def validate(served: ServedModel | None, req: Request):
     for name, value in (("guidance scale", req.scale), ("superclass guidance scale", req.scale_super)):
         if value is None or not (0.0 <= float(value) <= MAX_SCALE):
             raise EfditError(f"{name} must be between 0 and {MAX_SCALE:g}, not {value}")
-    max_steps = served.cfg.diffusion.steps
+    max_steps = served.max_steps
     if req.steps is None or int(req.steps) != req.steps or not 1 <= int(req.steps) <= max_steps:
         raise EfditError(f"steps must be a whole number from 1 to {max_steps}, not {req.steps}")
-    samplers = available_samplers()
+    samplers = served.samplers()
     if req.sampler not in samplers:
         raise EfditError(f"sampler {req.sampler!r} is unknown (choose {', '.join(samplers)})")
     if req.seed is None or int(req.seed) != req.seed or not 0 <= int(req.seed) < 2 ** 63:
@@ -223,6 +247,12 @@ def validate(served: ServedModel | None, req: Request):
     if req.n is None or not 1 <= int(req.n) <= MAX_IMAGES:
         raise EfditError(f"number of images must be from 1 to {MAX_IMAGES}, not {req.n}")
 
+    if served.d2it:
+        cfg = served.configure(req)  # D²iT: its own sample config (DCT and DGT guidance, steps, sampler, seed)
+        n = int(req.n)
+        family = h.children(sup)
+        labels = torch.tensor([sub] * n + family, dtype=torch.long)
+        return cfg, labels, [f"{h.sub_names[sub]} #{i + 1}" for i in range(n)] + [h.sub_names[c] for c in family], n
     cfg = copy.deepcopy(served.cfg)
     ov = {"sample.guidance": req.guidance, "sample.cfg_scale": float(req.scale),
           "sample.cfg_scale_super": float(req.scale_super), "sample.steps": str(int(req.steps)),
@@ -265,7 +295,7 @@ class StepProgress:
         return state
 
 
-def generate_for(served: ServedModel, req: Request, progress=None):
+def generate_for(served, req: Request, progress=None):
     """-> (images of the chosen class, one image per sibling class, status line); images as (PIL, caption).
 
     D²iT models also give grain maps: each image is followed by its map."""
@@ -293,11 +323,12 @@ def generate_for(served: ServedModel, req: Request, progress=None):
         chosen, family = items[:2 * n], items[2 * n:]
     else:
         chosen, family = items[:n], items[n:]
+    took = f"{len(labels)} images in {time.time() - t0:.1f} s · "
+    if served.d2it:
+        return chosen, family, took + served.status(cfg, grains)
     s, g = cfg.sample, guidance_of(cfg)
     how = "no guidance" if g.mode == "none" else f"{g.mode} guidance ×{g.scale:g}"
-    status = (f"{len(labels)} images in {time.time() - t0:.1f} s · {s.sampler}, {s.steps} steps, {how}, "
-              f"seed {s.seed}")
-    return chosen, family, status
+    return chosen, family, took + f"{s.sampler}, {s.steps} steps, {how}, seed {s.seed}"
 
 
 def grain_map_images(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -323,7 +354,7 @@ def _error_text(e: BaseException) -> str:
     return f"⚠️ internal error ({type(e).__name__}{': ' + first if first else ''}); details are in the server log"
 
 
-def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool = True):
+def build_app(served, device: str = "cpu", allow_load: bool = True):
     """The Gradio Blocks app. `allow_load`: show a field to load another model file (loopback servers only)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -332,23 +363,24 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
     samplers = available_samplers()
     extras = extra_sample_options()
 
-    def controls_for(sv: ServedModel | None):
-        """Widget updates that follow the loaded model."""
+    def controls_for(sv):
+        """Widget updates that follow the loaded model (a D²iT run: grain-map guidance, no HRIG / caches)."""
         if sv is None:
             return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
-                    gr.update(choices=list(GUIDANCE_MODES), value="auto"), gr.update(), gr.update(),
-                    gr.update(), "No model loaded.")
-        h, s = sv.hierarchy, sv.cfg.sample
+                    gr.update(choices=list(GUIDANCE_MODES), value="auto"), gr.update(), gr.update(), gr.update(),
+                    gr.update(), gr.update(), "No model loaded.")
+        h, dflt, offered = sv.hierarchy, sv.defaults(), sv.samplers()
         sup0 = h.super_names[0] if h.num_super else None
         subs = sv.subclasses_of(sup0) if sup0 is not None else []
-        modes = sv.guidance_modes()
         return (gr.update(choices=h.super_names, value=sup0),
                 gr.update(choices=subs, value=subs[0] if subs else None, interactive=sv.label_space == "sub"),
-                gr.update(choices=modes, value=s.guidance if s.guidance in modes else "auto"),
-                gr.update(value=min(max(s.cfg_scale, 0.0), MAX_SCALE)),
-                gr.update(maximum=sv.cfg.diffusion.steps,
-                          value=min(_default_steps(s.steps), sv.cfg.diffusion.steps)),
-                gr.update(value=s.sampler if s.sampler in samplers else samplers[0]),
+                gr.update(choices=sv.guidance_modes(), value=dflt["guidance"]),
+                gr.update(value=min(max(dflt["scale"], 0.0), MAX_SCALE)),
+                gr.update(value=min(max(dflt["scale_super"], 0.0), MAX_SCALE),
+                          label="grain-map scale (DGT)" if sv.d2it else SCALE_SUPER_LABEL),
+                gr.update(maximum=sv.max_steps, value=dflt["steps"]),
+                gr.update(choices=offered, value=dflt["sampler"] if dflt["sampler"] in offered else offered[0]),
+                gr.update(visible=bool(extras) and not sv.d2it),
                 sv.describe() + ("" if sv.label_space == "sub" else
                                  " — conditioned on superclasses only: the subclass list is for browsing"))
 
@@ -364,23 +396,22 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
                     guidance = gr.Dropdown(label="guidance", choices=list(GUIDANCE_MODES), value="auto",
                                            elem_id="guidance")
                     scale = gr.Number(label=f"guidance scale (0–{MAX_SCALE:g})", value=2.0, elem_id="scale")
-                    scale_super = gr.Number(label="superclass scale (two_term)", value=1.0, elem_id="scale-super")
+                    scale_super = gr.Number(label=SCALE_SUPER_LABEL, value=1.0, elem_id="scale-super")
                 steps = gr.Slider(1, 1000, value=50, step=1, label="steps", elem_id="steps")
                 with gr.Row():
                     sampler = gr.Radio(samplers, value="ddim", label="sampler", elem_id="sampler")
                     seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
                     n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images", elem_id="n")
                 extra_boxes = []
-                if extras:
-                    with gr.Accordion("HRIG / acceleration", open=False):
-                        for k, default in extras.items():
-                            if k == "accel" and accel_choices():
-                                box = gr.Dropdown(accel_choices(), value=str(default), label="sample.accel "
-                                                  "(training-free block cache)", elem_id=f"opt-{k}")
-                            else:
-                                box = gr.Textbox(label=f"sample.{k}", value=str(default), elem_id=f"opt-{k}",
-                                                 placeholder="empty = off")
-                            extra_boxes.append(box)
+                with gr.Accordion("HRIG / acceleration", open=False, visible=bool(extras)) as options:
+                    for k, default in extras.items():
+                        if k == "accel" and accel_choices():
+                            box = gr.Dropdown(accel_choices(), value=str(default), label="sample.accel "
+                                              "(training-free block cache)", elem_id=f"opt-{k}")
+                        else:
+                            box = gr.Textbox(label=f"sample.{k}", value=str(default), elem_id=f"opt-{k}",
+                                             placeholder="empty = off")
+                        extra_boxes.append(box)
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown("", elem_id="status")
                 with gr.Accordion("model file", open=served is None):
@@ -395,7 +426,7 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
                 family = gr.Gallery(label="the superclass's subclasses, side by side", columns=6, height=260,
                                     format="png", object_fit="contain", fit_columns=False, elem_id="siblings")
 
-        model_outputs = [sup, sub, guidance, scale, steps, sampler, info]
+        model_outputs = [sup, sub, guidance, scale, scale_super, steps, sampler, options, info]
 
         def on_start():
             return controls_for(state["served"])
@@ -415,7 +446,7 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
                 if not allow_load:
                     raise EfditError("loading model files from the page is off on a non-loopback server")
                 path = find_checkpoint(run=text.strip()) if text and text.strip() else find_checkpoint()
-                state["served"] = ServedModel(path, device)
+                state["served"] = open_model(path, device)
             except Exception as e:  # noqa: BLE001 -- every failure becomes a line in the page
                 return (*[gr.update() for _ in model_outputs], _error_text(e))
             return (*controls_for(state["served"]), f"loaded {path}")
@@ -423,8 +454,10 @@ def build_app(served: ServedModel | None, device: str = "cpu", allow_load: bool 
         def on_generate(sup_v, sub_v, guid_v, scale_v, scale_super_v, steps_v, sampler_v, seed_v, n_v, *extra_v,
                         progress=gr.Progress()):
             try:
+                sv = state["served"]
+                opts = {} if sv is not None and sv.d2it else dict(zip(extras, extra_v))  # hidden for D²iT
                 req = Request(sup_v or "", sub_v or "", guid_v or "auto", scale_v, scale_super_v,
-                              steps_v, sampler_v or "", seed_v, n_v, dict(zip(extras, extra_v)))
+                              steps_v, sampler_v or "", seed_v, n_v, opts)
                 progress(0, desc="sampling")
                 cb = (lambda done, total: progress((done, total), desc="sampling", unit="steps"))
                 a, b, msg = generate_for(state["served"], req, progress=cb)
@@ -450,7 +483,7 @@ def serve(run: str | None = None, ckpt: str | None = None, host: str = "127.0.0.
     if importlib.util.find_spec("gradio") is None:
         raise EfditError("the web page needs Gradio: pip install 'efdit[web]'")
     device = str(resolve_device(device or os.environ.get("EFDIT_DEVICE", "auto")))
-    served = ServedModel(path, device) if path else None
+    served = open_model(path, device) if path else None
     loopback = host in LOOPBACK
     app = build_app(served, device, allow_load=loopback)
     app.queue(default_concurrency_limit=1, max_size=64)
@@ -467,7 +500,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="efdit serve", description="A local web page to browse a model's hierarchy "
                                 "and sample it (needs efdit[web]).")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--run", help="a run folder holding model.safetensors (e.g. runs/demo)")
+    src.add_argument("--run", help="a run folder holding model.safetensors (e.g. runs/demo), or a D²iT run "
+                     "folder (dvae/dgt/dct .safetensors, from `efdit d2it train`)")
     src.add_argument("--ckpt", help="an efdit model file (.safetensors)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")

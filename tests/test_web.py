@@ -25,7 +25,7 @@ from efdit.errors import EfditError
 from efdit.models.checkpoint import save_safetensors
 from efdit.runs import build_model, save_model
 from efdit.web import (MAX_SCALE, Request, ServedModel, available_samplers, extra_sample_options, find_checkpoint,
-                       generate_for, grain_map_images, validate)
+                       generate_for, grain_map_images, open_model, validate)
 from tiny import randomize
 
 H, W = 12, 8  # non-square, so a transposed image cannot pass
@@ -68,11 +68,12 @@ def test_find_checkpoint(ckpt, tmp_path):
     d2 = tmp_path / "d2"
     d2.mkdir()
     (d2 / "config.json").write_text('{"dvae": {}, "dgt": {}, "dct": {}, "data": {}}')
-    with pytest.raises(EfditError, match="is a D²iT run: the web page cannot serve D²iT runs yet"):
-        find_checkpoint(run=d2)
+    assert find_checkpoint(run=d2) == d2                    # a D²iT run folder is served as the folder
     save_safetensors(d2 / "dct.safetensors", {"w": torch.zeros(1)}, {"kind": "d2it", "config": {}})
-    with pytest.raises(EfditError, match="is a D²iT file"):
+    with pytest.raises(EfditError, match="is a D²iT stage file outside a D²iT run folder"):
         ServedModel(d2 / "dct.safetensors")
+    with pytest.raises(EfditError, match="dvae.safetensors not found: train that stage first"):
+        open_model(d2 / "dct.safetensors")                  # a stage file opens its run folder
 
 
 def test_grain_map_images_are_red_fine_blue_coarse():
@@ -158,6 +159,115 @@ def test_cli_and_web_modules_do_not_import_gradio():
     assert out.stdout.strip() == "False"
 
 
+# ---- D²iT runs: each image beside its grain map ----------------------------------------------------------
+D2_SIZE, D2_REGION = 16, 4  # 16 px images, f1 = 2 -> 4 px regions: a 4x4 grain map, an 8x8 latent
+
+
+def make_d2it_run(run: Path, hierarchy: Hierarchy | None = HIER, num_classes: int = 5) -> Path:
+    """A D²iT run folder as `efdit d2it train` writes it (config.json + stage files), random tiny weights."""
+    from efdit.d2it.config import build_d2it_config
+    from efdit.d2it.dct import build_dct
+    from efdit.d2it.dgt import build_dgt
+    from efdit.d2it.dvae import build_dvae
+    from efdit.d2it.train import save_stage
+    cfg = build_d2it_config("fmnist32", {
+        "run_dir": str(run), "data.dataset": "digits", "data.image_size": D2_SIZE, "dvae.ch": 8,
+        "dvae.z_channels": 2, "dvae.groups": 4, "dgt.hidden_size": 32, "dgt.depth": 2, "dgt.num_heads": 2,
+        "dgt.sample_steps": 3, "dct.hidden_size": 32, "dct.trunk_depth": 1, "dct.refine_depth": 1,
+        "dct.num_heads": 2, "sample.steps": "4", "sample.cfg_scale": 2.0})
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json())
+    meta = {"hierarchy": hierarchy.to_dict()} if hierarchy is not None else {}
+    save_stage(run / "dvae.safetensors", randomize(build_dvae(cfg, 1), 4, 0.1), cfg, in_channels=1, **meta)
+    save_stage(run / "dgt.safetensors", randomize(build_dgt(cfg, num_classes), 5, 0.3), cfg,
+               num_classes=num_classes, **meta)
+    save_stage(run / "dct.safetensors", randomize(build_dct(cfg, 2, num_classes), 6, 0.1), cfg, in_channels=2,
+               num_classes=num_classes)
+    return run
+
+
+@pytest.fixture(scope="module")
+def d2run(tmp_path_factory) -> Path:
+    return make_d2it_run(tmp_path_factory.mktemp("web-d2it") / "d2it-tiny")
+
+
+@pytest.fixture(scope="module")
+def d2served(d2run):
+    return open_model(find_checkpoint(run=d2run), "cpu")
+
+
+def test_d2it_run_opens_with_its_hierarchy_and_options(d2run, d2served, tmp_path):
+    from efdit.web_backends import D2iTServed
+    assert find_checkpoint(run=d2run) == d2run and isinstance(d2served, D2iTServed) and d2served.d2it
+    assert d2served.hierarchy.to_dict() == HIER.to_dict() and d2served.hierarchy_source == "dgt.safetensors"
+    assert d2served.subclasses_of("vehicles") == ["car", "bus"]
+    assert d2served.guidance_modes() == ["cfg", "none"] and d2served.max_steps == 1000
+    assert d2served.defaults() == {"guidance": "cfg", "scale": 2.0, "scale_super": 1.5, "steps": 4,
+                                   "sampler": "ddpm"}
+    assert isinstance(open_model(d2run / "dct.safetensors"), D2iTServed)  # a stage file opens its run
+    # an older run (no hierarchy in its files): the hierarchy of the dataset in its config, as `d2it sample` does
+    old = open_model(make_d2it_run(tmp_path / "old", hierarchy=None, num_classes=10))
+    assert old.hierarchy_source == "the digits dataset" and old.hierarchy.sub_names == [str(d) for d in range(10)]
+    assert old.subclasses_of("straight") == ["1", "4", "7"]
+    with pytest.raises(EfditError, match="the DCT has 5 classes but the hierarchy .the digits dataset. has 10"):
+        open_model(make_d2it_run(tmp_path / "bad", hierarchy=None, num_classes=5))
+
+
+def test_d2it_validate_refuses_what_d2it_lacks(d2served):
+    cfg, labels, captions, n = validate(d2served, Request("vehicles", "bus", "cfg", 3.0, 0.5, 6, "ddim", 9, 2))
+    assert labels.tolist() == [4, 4, 3, 4] and captions == ["bus #1", "bus #2", "car", "bus"] and n == 2
+    assert (cfg.cfg_scale, cfg.grain_cfg_scale, cfg.steps, cfg.sampler, cfg.seed) == (3.0, 0.5, "6", "ddim", 9)
+    assert d2served.cfg.sample.cfg_scale == 2.0                        # the served config is untouched
+    off, _, _, _ = validate(d2served, Request("vehicles", "bus", "none", 3.0, 0.5, 6, "ddim", 9, 2))
+    assert (off.cfg_scale, off.grain_cfg_scale) == (1.0, 1.0)          # "none": no guidance on DCT nor DGT
+    ok = dict(superclass="vehicles", subclass="bus", guidance="cfg", scale=2.0, steps=3, sampler="ddpm", n=2)
+    bad = [(dict(guidance="two_term"), "guidance 'two_term' is not available for this model .choose cfg, none."),
+           (dict(steps=1001), "steps must be a whole number from 1 to 1000"),
+           (dict(subclass="owl"), "subclass 'owl' is not under superclass 'vehicles'"),
+           (dict(scale_super=25.0), "superclass guidance scale must be between 0 and 20"),
+           (dict(extras={"hrig": "x"}), "option 'hrig' does not apply to D²iT runs")]
+    for change, message in bad:
+        with pytest.raises(EfditError, match=message):
+            validate(d2served, Request(**{**ok, **change}))
+
+
+def test_d2it_generate_pairs_each_image_with_its_grain_map(d2served):
+    calls = []
+    req = Request("animals", "owl", "cfg", 2.0, 1.5, 4, "ddpm", 3, 2)
+    chosen, family, status = generate_for(d2served, req, progress=lambda d, t: calls.append((d, t)))
+    assert [c for _, c in chosen] == ["owl #1", "owl #1 · grain map", "owl #2", "owl #2 · grain map"]
+    assert [c for _, c in family] == ["cat", "cat · grain map", "dog", "dog · grain map", "owl", "owl · grain map"]
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]                   # one report per DCT step
+    assert status.startswith("5 images in") and "ddpm, 4 steps, cfg ×2 (grain maps ×1.5), seed 3" in status
+    # the pictures are exactly the pipeline's images and grain maps for these labels and seed
+    cfg, labels, _, _ = validate(d2served, req)
+    images, grains = d2served.pipe(labels, steps="4", sampler="ddpm", cfg_scale=2.0, grain_cfg_scale=1.5, seed=3,
+                                   progress=False)
+    assert images.shape == (5, 1, D2_SIZE, D2_SIZE) and grains.shape == (5, D2_SIZE // D2_REGION, D2_SIZE // D2_REGION)
+    pics, maps = (chosen + family)[0::2], (chosen + family)[1::2]
+    for k, ((im, _), (mp, _)) in enumerate(zip(pics, maps)):
+        assert im.size == (D2_SIZE, D2_SIZE) and im.mode == "L" and (np.asarray(im) == images[k, 0].numpy()).all()
+        m = np.asarray(mp)                                               # (16, 16, 3): one colour per 4 px region
+        assert mp.mode == "RGB" and m.shape == (D2_SIZE, D2_SIZE, 3)
+        blocks = m.reshape(4, D2_REGION, 4, D2_REGION, 3)
+        assert (blocks == blocks[:, :1, :, :1]).all()                   # constant over each region
+        fine = (blocks[:, 0, :, 0] == [230, 50, 50]).all(-1)            # red = fine, else blue = coarse
+        assert (fine | (blocks[:, 0, :, 0] == [50, 90, 230]).all(-1)).all()
+        assert (torch.from_numpy(fine).long() == grains[k]).all()
+    assert 0 < grains.float().mean() < 1                                # both grains occur (random weights)
+    # same seed -> same pixels; another seed -> other images and maps
+    again, _, _ = generate_for(d2served, req)
+    other, _, _ = generate_for(d2served, Request("animals", "owl", "cfg", 2.0, 1.5, 4, "ddpm", 4, 2))
+    assert all((np.asarray(a) == np.asarray(b)).all() for (a, _), (b, _) in zip(chosen, again))
+    assert not (np.asarray(chosen[0][0]) == np.asarray(other[0][0])).all()
+
+
+def test_d2it_every_offered_sampler_runs(d2served):
+    for name in d2served.samplers():
+        chosen, _, status = generate_for(d2served, Request("vehicles", "car", "cfg", 1.5, 1.5, 3, name, 0, 1))
+        assert chosen[0][0].size == (D2_SIZE, D2_SIZE) and f"{name}, 3 steps" in status
+
+
 # ---- the page in a real browser ----------------------------------------------------------------------------
 def _browser_or_skip():
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
@@ -227,6 +337,9 @@ def test_page_generates_in_chromium(server, served, tmp_path):
         status = lambda: d.find_element(By.ID, "status").text  # noqa: E731
         wait.until(lambda _: field("superclass").get_property("value") == "animals")
         assert field("subclass").get_property("value") == "cat"
+        if extra_sample_options():  # shown for a DiT (hidden for D²iT runs, see below)
+            opts = d.find_elements(By.XPATH, "//*[contains(text(), 'HRIG / acceleration')]")
+            assert any(e.is_displayed() for e in opts)
 
         def pick(eid, value, expect_options):
             box = field(eid)
@@ -278,5 +391,47 @@ def test_page_generates_in_chromium(server, served, tmp_path):
         if os.environ.get("EFDIT_SCREENSHOT_DIR"):
             shutil.copy(tmp_path / "web-error.png", Path(os.environ["EFDIT_SCREENSHOT_DIR"]) / "web-error.png")
         assert len(d.find_elements(By.CSS_SELECTOR, "#samples img")) == 4  # the last good images stay
+    finally:
+        d.quit()
+
+
+@pytest.fixture
+def d2server(d2run):
+    _browser_or_skip()
+    from efdit.web import serve
+    port = _free_port()
+    app = serve(run=str(d2run), port=port, device="cpu", block=False)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+def test_d2it_page_shows_image_and_grain_map_pairs(d2server, d2served, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    d = _chrome(tmp_path)
+    try:
+        wait = WebDriverWait(d, 40)
+        d.get(d2server)
+        field = lambda eid: d.find_element(By.CSS_SELECTOR, f"#{eid} input")  # noqa: E731
+        wait.until(lambda _: field("superclass").get_property("value") == "animals")
+        assert "D²iT run" in d.find_element(By.ID, "model-info").text
+        assert "grain-map scale (DGT)" in d.find_element(By.ID, "scale-super").text
+        hidden = d.find_elements(By.XPATH, "//*[contains(text(), 'HRIG / acceleration')]")
+        assert not any(e.is_displayed() for e in hidden)              # options D²iT lacks are hidden
+        d.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda _: "images in" in d.find_element(By.ID, "status").text)
+        imgs = d.find_elements(By.CSS_SELECTOR, "#samples img")
+        alts = [i.get_attribute("alt") for i in imgs]
+        assert alts == [a for k in range(1, 5) for a in (f"cat #{k}", f"cat #{k} · grain map")]
+        pics = [Image.open(io.BytesIO(urllib.request.urlopen(i.get_attribute("src"), timeout=10).read()))
+                for i in imgs]
+        assert [(p.size, p.mode) for p in pics] == [((D2_SIZE, D2_SIZE), "L"), ((D2_SIZE, D2_SIZE), "RGB")] * 4
+        want, _, _ = generate_for(d2served, Request("animals", "cat", "cfg", 2.0, 1.5, 4, "ddpm", 0, 4))
+        assert all((np.asarray(a) == np.asarray(b)).all() for a, (b, _) in zip(pics, want))
+        d.save_screenshot(str(tmp_path / "web-d2it.png"))
+        if os.environ.get("EFDIT_SCREENSHOT_DIR"):
+            shutil.copy(tmp_path / "web-d2it.png", Path(os.environ["EFDIT_SCREENSHOT_DIR"]) / "web-d2it.png")
     finally:
         d.quit()

@@ -55,12 +55,14 @@ class D2iTPipeline:
     @torch.no_grad()
     def __call__(self, labels, grains=None, grain_source: str = "dgt", steps: str | None = None,
                  sampler: str | None = None, cfg_scale: float | None = None, seed: int | None = None,
-                 progress: bool = True, batch_size: int = 250, hooks=()):
+                 progress: bool = True, batch_size: int = 250, hooks=(), grain_cfg_scale: float | None = None):
+        """-> (uint8 images (N, C, H, W), grain maps (N, h, w)). grain_cfg_scale: the DGT's guidance (default
+        sample.grain_cfg_scale); hooks: efdit sampler hooks on the DCT chain."""
         from .multigrain import sample_dct
         s = self.cfg.sample
         gen = torch.Generator().manual_seed(s.seed if seed is None else seed)
         if grains is None:
-            grains = self.grains(labels, grain_source, gen, progress=progress)
+            grains = self.grains(labels, grain_source, gen, cfg_scale=grain_cfg_scale, progress=progress)
         d = self.cfg.dct
         diffusion = create_diffusion(steps or s.steps, noise_schedule=d.schedule, learn_sigma=d.learn_sigma,
                                      loss="hybrid" if d.learn_sigma else "mse")

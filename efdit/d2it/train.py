@@ -177,7 +177,8 @@ def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
     with torch.no_grad():
         z, _ = ema.encode(to_signed(train_ds.images[idx]), grain_map(ent_train[idx], tau), sample=True)
     ema.scale_factor.fill_(1.0 / z.float().std().item())
-    save_stage(run_dir / "dvae.safetensors", ema, cfg, in_channels=train_ds.num_channels, progress=info)
+    save_stage(run_dir / "dvae.safetensors", ema, cfg, in_channels=train_ds.num_channels, progress=info,
+               hierarchy=train_ds.hierarchy.to_dict())   # for `efdit serve` (class names, superclasses)
     print(f"DVAE: {info['steps']} steps ({info['images']:,} images, {info['seconds']:.0f} s); "
           f"scale factor {ema.scale_factor.item():.4f}")
 
@@ -240,7 +241,8 @@ def stage_dgt(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         return {"loss": grain_loss(model, diffusion, g, labels[idx], t, gen)}
 
     ema, info = fit("dgt", model, loss_fn, d.lr, d.steps, d.minutes, d.ema_decay, run_dir, d.batch_size, progress)
-    save_stage(run_dir / "dgt.safetensors", ema, cfg, num_classes=train_ds.hierarchy.num_sub, progress=info)
+    save_stage(run_dir / "dgt.safetensors", ema, cfg, num_classes=train_ds.hierarchy.num_sub, progress=info,
+               hierarchy=train_ds.hierarchy.to_dict())
     print(f"DGT: {info['steps']} steps ({info['images']:,} maps, {info['seconds']:.0f} s)")
 
 
