@@ -73,7 +73,34 @@ def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor
     raise EfditError(f"cannot convert {c}-channel images to {channels} channels")
 
 
-class HierarchicalDataset(Dataset):
+class LabelSummary:
+    """Label summaries shared by every dataset kind (in memory, file-backed, latent cache).
+
+    Needs `hierarchy` (Hierarchy), `sub_labels` (N,) long and `_super_labels` (N,) long on the instance."""
+
+    @property
+    def super_labels(self) -> torch.Tensor:
+        """long (N,): superclass id of each item."""
+        return self._super_labels
+
+    @property
+    def num_sub(self) -> int:
+        return self.hierarchy.num_sub
+
+    @property
+    def num_super(self) -> int:
+        return self.hierarchy.num_super
+
+    def class_counts(self) -> torch.Tensor:
+        """long (num_sub,): items per subclass."""
+        return torch.bincount(self.sub_labels, minlength=self.hierarchy.num_sub)
+
+    def super_counts(self) -> torch.Tensor:
+        """long (num_super,): items per superclass."""
+        return torch.bincount(self._super_labels, minlength=self.hierarchy.num_super)
+
+
+class HierarchicalDataset(LabelSummary, Dataset):
     """Images with a subclass label each; the superclass follows from `hierarchy.parent`.
 
     Attributes:
@@ -122,11 +149,6 @@ class HierarchicalDataset(Dataset):
         return self.images.shape[0]
 
     @property
-    def super_labels(self) -> torch.Tensor:
-        """long (N,): superclass id of each image."""
-        return self._super_labels
-
-    @property
     def num_channels(self) -> int:
         return self.images.shape[1]
 
@@ -134,22 +156,6 @@ class HierarchicalDataset(Dataset):
     def image_size(self) -> tuple[int, int]:
         """(H, W)"""
         return tuple(self.images.shape[-2:])
-
-    @property
-    def num_sub(self) -> int:
-        return self.hierarchy.num_sub
-
-    @property
-    def num_super(self) -> int:
-        return self.hierarchy.num_super
-
-    def class_counts(self) -> torch.Tensor:
-        """long (num_sub,): images per subclass."""
-        return torch.bincount(self.sub_labels, minlength=self.hierarchy.num_sub)
-
-    def super_counts(self) -> torch.Tensor:
-        """long (num_super,): images per superclass."""
-        return torch.bincount(self._super_labels, minlength=self.hierarchy.num_super)
 
     # ---- reading -----------------------------------------------------------------------------
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import EfditError
-from .base import as_size, to_signed
+from .base import LabelSummary, as_size, to_signed
 from .hierarchy import Hierarchy
 
 
@@ -45,7 +45,7 @@ def read_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3
     return a[:, :, None] if a.ndim == 2 else a
 
 
-class FileDataset(torch.utils.data.Dataset):
+class FileDataset(LabelSummary, torch.utils.data.Dataset):
     """Images given by path, with a subclass label each; decoded on access.
 
     `dataset[i]` -> (float32 (C, H, W) in [-1, 1], subclass id, superclass id); `load(i)` -> uint8 (C, H, W).
@@ -86,24 +86,6 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
-
-    @property
-    def super_labels(self) -> torch.Tensor:
-        return self._super_labels
-
-    @property
-    def num_sub(self) -> int:
-        return self.hierarchy.num_sub
-
-    @property
-    def num_super(self) -> int:
-        return self.hierarchy.num_super
-
-    def class_counts(self) -> torch.Tensor:
-        return torch.bincount(self.sub_labels, minlength=self.hierarchy.num_sub)
-
-    def super_counts(self) -> torch.Tensor:
-        return torch.bincount(self._super_labels, minlength=self.hierarchy.num_super)
 
     def path(self, i: int) -> Path:
         p = Path(self.files[i])

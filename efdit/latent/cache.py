@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.base import LabelSummary
 from ..data.hierarchy import Hierarchy
 from ..errors import EfditError
 from .autoencoder import Autoencoder
@@ -170,7 +171,7 @@ def mmap_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     return arrays, meta
 
 
-class LatentDataset:
+class LatentDataset(LabelSummary):
     """A latent cache read for training: `batch(idx, generator)` -> (x = mean + std·ε, sub, super).
 
     Attributes like a HierarchicalDataset: hierarchy, sub_labels, super_labels, image_size (latent h, w),
@@ -209,21 +210,6 @@ class LatentDataset:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
-
-    @property
-    def super_labels(self) -> torch.Tensor:
-        return self._super_labels
-
-    @property
-    def num_sub(self) -> int:
-        return self.hierarchy.num_sub
-
-    @property
-    def num_super(self) -> int:
-        return self.hierarchy.num_super
-
-    def class_counts(self) -> torch.Tensor:
-        return torch.bincount(self.sub_labels, minlength=self.hierarchy.num_sub)
 
     def moments(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 mean, std (B, c, h, w) of items idx (B,); rows with flip[b] come from the mirrored image."""
