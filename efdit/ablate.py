@@ -4,7 +4,8 @@ Two variant sets (`--set`):
   peft        the label embedding and guidance (flat table + null CFG vs Tiered Embedder + superclass-guided CFG)
               crossed with the trainable set (full fine-tuning vs the FineDiffusion / EFDiT PEFT rule);
   mechanisms  EFDiT's mechanisms one at a time on the PEFT baseline: baseline -> +Tiered Embedder -> +HRIG ->
-              +ProAttention -> all.
+              +ProAttention -> all;
+  proattention  SDPA vs proxy attention under full fine-tuning (the attention weights can adapt).
 Variants whose training config is the same (they differ only in sampling, e.g. +HRIG) share one trained model.
 """
 from __future__ import annotations
@@ -46,7 +47,15 @@ def mechanism_variants(hrig: str = HRIG_SPEC) -> dict[str, dict]:
             "all": {**tiered, **PROXY, "sample.hrig": hrig}}
 
 
-VARIANT_SETS = {"peft": PEFT_VARIANTS, "mechanisms": mechanism_variants()}
+# ProAttention swaps the attention of a model pre-trained with SDPA: does it need the attention weights trainable?
+PROATTENTION_VARIANTS = {
+    "sdpa, full fine-tuning": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full",
+                               "train.lr": 3e-4},
+    "proxy, full fine-tuning": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full",
+                                "train.lr": 3e-4, **PROXY},
+}
+
+VARIANT_SETS = {"peft": PEFT_VARIANTS, "mechanisms": mechanism_variants(), "proattention": PROATTENTION_VARIANTS}
 VARIANTS = PEFT_VARIANTS  # the default set
 
 
