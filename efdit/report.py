@@ -14,6 +14,17 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; -> the path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_loss(log: list[dict], path: str | os.PathLike, title: str = "training loss") -> Path | None:
     """loss (and its MSE / VLB parts) against images seen, as a PNG."""
     if not log:
@@ -32,12 +43,7 @@ def plot_loss(log: list[dict], path: str | os.PathLike, title: str = "training l
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out_dir: str | os.PathLike, title: str, blocks: list[tuple[str, object]]) -> tuple[Path, Path]:

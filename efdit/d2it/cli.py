@@ -49,12 +49,8 @@ def entropy_histogram(path, entropies, thresholds: dict, title: str) -> Path:
     ax.set_ylabel("regions (log)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from ..report import save_figure
+    return save_figure(fig, path)
 
 
 def cmd_grains(argv: list[str]) -> int:

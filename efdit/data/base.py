@@ -74,9 +74,10 @@ def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor
 
 
 class LabelSummary:
-    """Label summaries shared by every dataset kind (in memory, file-backed, latent cache).
+    """Label summaries and batch drawing shared by every dataset kind (in memory, file-backed, latent cache).
 
-    Needs `hierarchy` (Hierarchy), `sub_labels` (N,) long and `_super_labels` (N,) long on the instance."""
+    Needs `hierarchy` (Hierarchy), `sub_labels` (N,) long and `_super_labels` (N,) long on the instance, and
+    `batch(idx, generator, hflip)` for `sample_batch`."""
 
     @property
     def super_labels(self) -> torch.Tensor:
@@ -98,6 +99,17 @@ class LabelSummary:
     def super_counts(self) -> torch.Tensor:
         """long (num_super,): items per superclass."""
         return torch.bincount(self._super_labels, minlength=self.hierarchy.num_super)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None, hflip: bool = False):
+        """A random batch (indices drawn with replacement): x float32 (B, C, H, W), sub (B,), super (B,), through
+        the dataset's own `batch(idx, generator, hflip)`. `hflip=True` mirrors a random half of the images (fine
+        for emoji / clothes, wrong for digits)."""
+        idx = torch.randint(len(self), (batch_size,), generator=generator)
+        x, sub, sup = self.batch(idx, generator, hflip)
+        if device is not None:
+            x, sub, sup = x.to(device), sub.to(device), sup.to(device)
+        return x, sub, sup
 
 
 class HierarchicalDataset(LabelSummary, Dataset):
@@ -160,23 +172,6 @@ class HierarchicalDataset(LabelSummary, Dataset):
     # ---- reading -----------------------------------------------------------------------------
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         return to_signed(self.images[i]), int(self.sub_labels[i]), int(self._super_labels[i])
-
-    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None, hflip: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A random batch (indices drawn with replacement): x float32 (B, C, H, W) in [-1, 1], sub (B,), super (B,).
-
-        `hflip=True` mirrors a random half of the images (fine for emoji / clothes, wrong for digits).
-        """
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
-        x = to_signed(self.images[idx])
-        if hflip:
-            flip = torch.rand(batch_size, generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-        sub, sup = self.sub_labels[idx], self._super_labels[idx]
-        if device is not None:
-            x, sub, sup = x.to(device), sub.to(device), sup.to(device)
-        return x, sub, sup
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, hflip: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -117,14 +117,6 @@ class FileDataset(LabelSummary, torch.utils.data.Dataset):
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, self.sub_labels[idx], self._super_labels[idx]
 
-    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None, hflip: bool = False):
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
-        x, sub, sup = self.batch(idx, generator, hflip)
-        if device is not None:
-            x, sub, sup = x.to(device), sub.to(device), sup.to(device)
-        return x, sub, sup
-
     def subset(self, indices, split: str | None = None) -> "FileDataset":
         idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         return FileDataset([self.files[i] for i in idx.tolist()], self.sub_labels[idx], self.hierarchy, self.name,

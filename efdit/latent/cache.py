@@ -245,14 +245,6 @@ class LatentDataset(LabelSummary):
         x = mean + std * torch.randn(mean.shape, generator=generator)
         return x, self.sub_labels[idx], self._super_labels[idx]
 
-    def sample_batch(self, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None, hflip: bool = False):
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
-        x, sub, sup = self.batch(idx, generator, hflip)
-        if device is not None:
-            x, sub, sup = x.to(device), sub.to(device), sup.to(device)
-        return x, sub, sup
-
     def __getitem__(self, i: int):
         x, sub, sup = self.batch(torch.tensor([i]))
         return x[0], int(sub[0]), int(sup[0])
