@@ -78,6 +78,7 @@ class TrainConfig:
     sample_every: int = 0           # images; 0 = only at the end
     init_from: str = ""            # a base model file to fine-tune from (a path, or a shipped name: fmnist-base)
     init_labels: str = "parent"    # new label rows when the label set changes: parent | random
+    save_frozen: bool = False      # PEFT from a base: also store the frozen weights (default: a delta over the base)
     seed: int = 0
     threads: int = 0                # torch intra-op threads; 0 = torch's default
 

@@ -10,6 +10,7 @@ from .config import Config
 from .data.hierarchy import Hierarchy
 from .diffusion import create_diffusion
 from .errors import EfditError
+from .finetune import delta_state, load_delta
 from .models.checkpoint import file_sha256, load_safetensors, load_state_dict_checked, save_safetensors
 from .models.dit import DiT, DiT_models
 
@@ -75,12 +76,26 @@ def labels_for(cfg: Config, sub: torch.Tensor, sup: torch.Tensor) -> torch.Tenso
 
 
 def save_model(path: str | os.PathLike, model: DiT, cfg: Config, hierarchy: Hierarchy, input_size, channels,
-               dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
-    """An efdit model file: weights (optionally cast, e.g. to fp16 for shipping) + everything to rebuild it."""
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+               dtype: torch.dtype | None = None, extra: dict | None = None, base: dict | None = None,
+               frozen: list[str] | None = None) -> Path:
+    """An efdit model file: weights (optionally cast, e.g. to fp16 for shipping) + everything to rebuild it.
+    With `base` (finetune.base_record) only the tensors not in `frozen` are stored: a delta over that base."""
+    sd = delta_state(model, frozen or []) if base else model.state_dict()
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
     meta = {"config": cfg.to_dict(), "hierarchy": hierarchy.to_dict(), "input_size": list(input_size),
             "channels": channels, **(extra or {})}
+    if base:
+        meta["base"] = base
     return save_safetensors(path, sd, meta)
+
+
+def _fill(model: DiT, cfg: Config, hierarchy: Hierarchy, tensors: dict, meta: dict, source: str) -> None:
+    """Load a model file's tensors into a freshly built model: from the base first if the file is a delta."""
+    tensors = {k: v.float() for k, v in tensors.items()}
+    if meta.get("base"):
+        load_delta(model, cfg, hierarchy, tensors, meta["base"], source)
+    else:
+        load_state_dict_checked(model, tensors, source=source, verbose=False)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -91,14 +106,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     cfg = Config.from_dict(meta["config"])
     hierarchy = Hierarchy.from_dict(meta["hierarchy"])
     model = build_model(cfg, hierarchy, tuple(meta["input_size"]), meta["channels"])
-    load_state_dict_checked(model, {k: v.float() for k, v in tensors.items()}, source=Path(path).name, verbose=False)
+    _fill(model, cfg, hierarchy, tensors, meta, Path(path).name)
     meta["sha256"] = file_sha256(path)
     return model.to(device).eval(), cfg, hierarchy, meta
 
 
 def export_model(run: Path, out: Path, dtype: str = "fp16") -> Path:
-    """A run's EMA weights as a model file. `run`: a run directory, a model file or a training-state file
-    (then the hierarchy and input size are rebuilt from the config's dataset)."""
+    """A run's EMA weights as a standalone model file (a PEFT delta is merged with its base). `run`: a run
+    directory, a model file or a training-state file (then the hierarchy and input size are rebuilt from the
+    config's dataset)."""
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     run = Path(run)
     if run.is_dir():
@@ -115,6 +131,6 @@ def export_model(run: Path, out: Path, dtype: str = "fp16") -> Path:
         hierarchy = Hierarchy.from_dict(meta["hierarchy"])
         input_size, channels, weights = tuple(meta["input_size"]), meta["channels"], tensors
     model = build_model(cfg, hierarchy, input_size, channels)
-    load_state_dict_checked(model, {k: v.float() for k, v in weights.items()}, source=run.name, verbose=False)
+    _fill(model, cfg, hierarchy, weights, meta, run.name)
     return save_model(out, model, cfg, hierarchy, input_size, channels, dtype=dt,
                       extra={"progress": meta.get("progress", {}), "exported_from": str(run)})

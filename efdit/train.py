@@ -25,6 +25,7 @@ from .errors import EfditError
 from .models.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from .models.dit import count_params
 from .models.peft import parameter_report
+from .finetune import base_record, check_base, delta_state, frozen_keys, init_from_base, saves_delta
 from .runs import build_diffusion, build_model, labels_for, save_model
 
 # Fields that may change between a run and its resumption (budgets, intervals, the device; sample.* too).
@@ -118,20 +119,24 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict
 
 
 def save_training_state(path: Path, model, ema, opt, gen: torch.Generator, progress: dict, cfg: Config,
-                        rank_rngs: list | None = None) -> None:
+                        rank_rngs: list | None = None, base: dict | None = None) -> None:
     """rank_rngs: every rank's (torch RNG state, data-generator state) under torchrun; rank 0's go to the plain
-    `rng.torch` / `rng.data` keys, rank r's to `rng.torch.r` / `rng.data.r`."""
+    `rng.torch` / `rng.data` keys, rank r's to `rng.torch.r` / `rng.data.r`. With `base` (a PEFT delta run) the
+    frozen parameters are left out of model and EMA: they are the base's."""
     model = distributed.unwrap(model)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    frozen = frozen_keys(model) if base else []
+    tensors = {f"model.{k}": v for k, v in delta_state(model, frozen).items()}
+    tensors.update({f"ema.{k}": v for k, v in delta_state(ema, frozen).items()})
     opt_tensors, opt_meta = optimizer_to_tensors(opt)
     tensors.update(opt_tensors)
     rank_rngs = rank_rngs or [(torch.get_rng_state(), gen.get_state())]
     for r, (torch_state, data_state) in enumerate(rank_rngs):
         sfx = f".{r}" if r else ""
         tensors["rng.torch" + sfx], tensors["rng.data" + sfx] = torch_state, data_state
-    save_safetensors(path, tensors, {"kind": "training-state", "config": cfg.to_dict(), "progress": progress,
-                                     "optimizer": opt_meta})
+    meta = {"kind": "training-state", "config": cfg.to_dict(), "progress": progress, "optimizer": opt_meta}
+    if base:
+        meta["base"] = base
+    save_safetensors(path, tensors, meta)
 
 
 def load_training_state(path: Path, model, ema, opt, gen: torch.Generator, rank: int = 0, world: int = 1,
@@ -140,10 +145,14 @@ def load_training_state(path: Path, model, ema, opt, gen: torch.Generator, rank:
     cannot continue the old random streams: each rank is re-seeded from (seed, step, rank) instead."""
     tensors, meta, _ = load_safetensors(path)
     model = distributed.unwrap(model)
+    frozen = ()
+    if meta.get("base"):  # a PEFT delta: the frozen weights came from the base (init_from_base), check it is the same
+        check_base(meta["base"], str(path))
+        frozen = tuple(frozen_keys(model))
     load_state_dict_checked(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                            source=str(path), verbose=False)
+                            allow_missing=frozen, source=str(path), verbose=False)
     load_state_dict_checked(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
-                            source=str(path), verbose=False)
+                            allow_missing=frozen, source=str(path), verbose=False)
     optimizer_from_tensors(opt, tensors, meta["optimizer"])
     prog = meta["progress"]
     sfx = f".{rank}" if rank else ""
@@ -175,81 +184,6 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif k in a and a.get(k) != b.get(k) and p not in RESUMABLE_CHANGES and not p.startswith("sample."):  # (fields newer than the run: kept)
             out.append(f"{p}: {a.get(k)!r} -> {b.get(k)!r}")
     return out
-
-
-# ---- fine-tuning from a base model ----------------------------------------------------------------------
-def init_from_base(model, cfg: Config, hierarchy: Hierarchy, verbose: bool = True) -> list[str]:
-    """Load a base model file into `model` (fine-tuning). What PEFT added starts at its identity. A changed label
-    set gets new label tables: with `init_labels=parent` and a superclass-conditioned base, each new row starts at
-    its superclass's base row (tiered `sum`: E_sup = base rows, E_sub = 0), so the fine-tuned model starts as the
-    base; with `random` they keep their fresh N(0, 0.02) initialisation."""
-    path = Path(cfg.train.init_from)
-    shipped = Path(__file__).parent / "assets" / f"{cfg.train.init_from}.safetensors"
-    if not path.is_file() and shipped.is_file():
-        path = shipped  # a shipped base named without its path, e.g. "fmnist-base"
-    if path.suffix == ".pt":  # an official DiT checkpoint (DiT-XL-2-256x256.pt): new label tables, strict otherwise
-        from .models.checkpoint import read_torch_state_dict
-        sd = {k: v.float() for k, v in read_torch_state_dict(path).items()}
-        added = tuple(getattr(model, "peft_added", ()))
-        reinit = load_state_dict_checked(model, sd, replace_label_table=True, allow_missing=added,
-                                         source=path.name, verbose=False)
-        if verbose:
-            print(f"fine-tuning {path.name}: new label tables ({', '.join(k for k in reinit if 'y_embedder' in k)}), "
-                  f"{len(added)} PEFT tensors at their identity")
-        return reinit
-    if not path.is_file():
-        raise EfditError(f"base checkpoint not found: {path} (train one with `efdit train --preset fmnist-base` "
-                         f"and export it, or pass --init-from PATH)")
-    tensors, meta, _ = load_safetensors(path)
-    if "config" not in meta or "hierarchy" not in meta:
-        raise EfditError(f"{path} is not an efdit model file")
-    sd = {k: v.float() for k, v in tensors.items()}
-    base_cfg = Config.from_dict(meta["config"])
-    base_h = Hierarchy.from_dict(meta["hierarchy"])
-    own = model.state_dict()
-    same_labels = base_h == hierarchy and all(k in own and own[k].shape == v.shape
-                                              for k, v in sd.items() if k.startswith("y_embedder."))
-    same_labels = same_labels and (base_cfg.model.condition_on, base_cfg.model.embedder) == \
-        (cfg.model.condition_on, cfg.model.embedder)
-    added = tuple(getattr(model, "peft_added", ()))
-    reinit = load_state_dict_checked(model, sd, replace_label_table=not same_labels, allow_missing=added,
-                                     source=path.name, verbose=False)
-    if added and verbose:
-        print(f"{len(added)} PEFT tensors start at their identity ({cfg.model.peft}): {', '.join(added[:4])}"
-              + (", …" if len(added) > 4 else ""))
-    if same_labels:
-        return reinit
-    if cfg.train.init_labels == "parent":
-        if (base_cfg.model.condition_on, base_cfg.model.embedder) != ("super", "flat") or \
-                base_h.super_names != hierarchy.super_names:
-            raise EfditError("init_labels=parent needs a flat base conditioned on the same superclasses "
-                             "(use --init-labels random)")
-        _labels_from_superclass_rows(model.y_embedder, sd["y_embedder.embedding_table.weight"], hierarchy)
-        if verbose:
-            print(f"label tables ({cfg.model.embedder}) initialised from the superclass rows of {path.name}")
-    elif verbose:
-        print(f"re-initialised (not in {path.name}): {', '.join(k for k in reinit if k.startswith('y_embedder'))}")
-    return reinit
-
-
-@torch.no_grad()
-def _labels_from_superclass_rows(emb, base_table: torch.Tensor, h: Hierarchy) -> None:
-    """base_table: (P [+1 null], D) of a flat superclass-conditioned base."""
-    sup, null = base_table[:h.num_super], (base_table[h.num_super] if base_table.shape[0] > h.num_super else None)
-    if hasattr(emb, "sub_table"):                      # tiered, sum: y = E_sub[y] + E_sup[π(y)]
-        emb.super_table.weight.copy_(sup)
-        emb.sub_table.weight.zero_()
-        if emb.null_embedding is not None and null is not None:
-            emb.null_embedding.copy_(null)
-    elif hasattr(emb, "parent"):                       # tiered, finediffusion: [sub rows | super rows]
-        emb.embedding_table.weight[:h.num_sub].copy_(sup[h.parent])
-        emb.embedding_table.weight[h.num_sub:].copy_(sup)
-    else:                                              # flat
-        n = emb.num_classes
-        rows = h.parent if n == h.num_sub else torch.arange(h.num_super)
-        emb.embedding_table.weight[:n].copy_(sup[rows])
-        if emb.has_null and null is not None:
-            emb.embedding_table.weight[n].copy_(null)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -320,8 +254,10 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     ckpt_path = run_dir / "checkpoints" / "latest.safetensors"
     gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.train.seed, rank, world))
     resumed = distributed.broadcast_object(ckpt_path.is_file())
-    if not resumed and cfg.train.init_from:
-        init_from_base(model, cfg, hierarchy, verbose=main)
+    delta = saves_delta(cfg)  # PEFT from a base: checkpoints and the model file store only what trains
+    if cfg.train.init_from and (not resumed or delta):
+        init_from_base(model, cfg, hierarchy, verbose=main and not resumed)
+    base = distributed.broadcast_object(base_record(cfg) if delta and main else None)
     if main and (cfg.model.peft != "full" or cfg.train.init_from):
         print(f"{cfg.model.peft}: {parameter_report(model)}")
     if world > 1:
@@ -434,7 +370,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
             if prog["images"] - last["ckpt"] >= tc.ckpt_every:
                 rngs = distributed.gather_objects(_rng_states(gen))  # a collective: every rank takes part
                 if main:
-                    save_training_state(ckpt_path, model, ema, opt, gen, prog, cfg, rngs)
+                    save_training_state(ckpt_path, model, ema, opt, gen, prog, cfg, rngs, base)
                 last["ckpt"] = prog["images"]
             if main and tc.sample_every and prog["images"] - last["sample"] >= tc.sample_every:
                 _sample_grid(ema, cfg, hierarchy, run_dir / "samples" / f"{prog['images'] // 1000:06d}k.png", device)
@@ -446,9 +382,9 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     distributed.check_in_sync(model)
     rngs = distributed.gather_objects(_rng_states(gen))
     if main:
-        save_training_state(ckpt_path, model, ema, opt, gen, prog, cfg, rngs)
+        save_training_state(ckpt_path, model, ema, opt, gen, prog, cfg, rngs, base)
         save_model(run_dir / "model.safetensors", ema, cfg, hierarchy, input_size, channels,
-                   extra={"progress": prog})
+                   extra={"progress": prog}, base=base, frozen=frozen_keys(model))
         _sample_grid(ema, cfg, hierarchy, run_dir / "samples" / "final.png", device)
         print(f"done: {prog['images']:,} images in {prog['seconds'] / 60:.1f} min -> {run_dir / 'model.safetensors'}")
     if on_finish is not None:

@@ -192,9 +192,13 @@ def test_presets_fine_tune_an_official_layout_pt_checkpoint(tmp_path, capsys):
     train(cfg, progress=False)
     assert "fine-tuning DiT-tiny.pt: new label tables (y_embedder.sub_table.weight, y_embedder.super_table.weight)" \
         in capsys.readouterr().out
-    tensors, _, _ = load_safetensors(tmp_path / "run" / "checkpoints" / "latest.safetensors")
-    sd = base.state_dict()
+    tensors, meta, _ = load_safetensors(tmp_path / "run" / "checkpoints" / "latest.safetensors")
+    assert meta["base"]["path"] == str((tmp_path / "DiT-tiny.pt").resolve())  # a PEFT delta over the .pt
+    from efdit.runs import load_model
+    model, _, _, _ = load_model(tmp_path / "run" / "model.safetensors")
+    sd, own = base.state_dict(), model.state_dict()
     for k in ("blocks.0.attn.qkv.weight", "blocks.1.adaLN_modulation.1.weight", "final_layer.linear.weight"):
-        assert torch.equal(tensors[f"model.{k}"], sd[k]), k          # frozen: exactly the checkpoint's
+        assert f"model.{k}" not in tensors                              # frozen: not stored in the run …
+        assert torch.equal(own[k], sd[k]), k                            # … and exactly the checkpoint's
     assert not torch.equal(tensors["model.blocks.0.attn.qkv.bias"], sd["blocks.0.attn.qkv.bias"])  # trained
     assert "model.blocks.0.norm1.weight" in tensors                    # LN affine added by the PEFT rule
