@@ -13,7 +13,7 @@ copies are tied to block 0's so both models have exactly the same parameters (as
 recomputation of the embedding that diffusers does is kept: that is how it runs.
 
 Measured, all in one process except the memory:
-  * matmul rate: a 2048 x 2048 fp32 matmul, best of several, at the start and at the end of the run;
+  * matmul rate: a 2048 x 2048 fp32 matmul, best of several, at the start, between parts and at the end;
   * forward img/s (torch.inference_mode) of DiT-S/2 and DiT-B/2 on 32x32x4 latents, batch 8 and 32:
     efdit eager, diffusers eager, efdit with torch.compile (through efdit's own `maybe_compile`);
   * training step img/s: forward + ε-MSE loss + backward + AdamW(lr 1e-4), label dropout on, the same loss
@@ -25,7 +25,9 @@ Measured, all in one process except the memory:
     inputs), per image: activations + gradients + temporaries. Peak RSS of the process is reported too;
   * 50-step DDIM sampling with classifier-free guidance (scale 4, the null class): efdit's sampler (one batched
     forward for both branches, inference mode) vs a plain DDIM loop over the diffusers model that doubles the
-    batch for CFG under torch.no_grad, as diffusers' DiTPipeline does; same respaced schedule.
+    batch for CFG under torch.no_grad, as diffusers' DiTPipeline does; same respaced schedule. Beside them the
+    fastest efdit settings that kept DDIM-50's FD in the quality-matched table (DPM-Solver++(2M) 10 steps,
+    DDIM-50 + TaylorSeer), on the same model, labels and noise; 3 chains each, interleaved.
 
 Timings interleave the models (a, b, c, a, b, c, ...) after a warm-up call each and keep the best call, so a
 load spike on a shared machine hits both sides alike and is not mistaken for speed.
@@ -36,7 +38,7 @@ MLP width 4D, C_in input and C_out output channels (see `dit_flops`):
     embedding   2·T·C_in·p²·D  (patch conv)  +  2·(256·D + D²)  (timestep MLP)
     final layer 4·D²  (adaLN shift/scale)  +  2·T·D·p²·C_out
 A training step counts 3x the forward (the backward is two matmuls per forward matmul); gradient checkpointing
-recomputes the forward but is still credited 3x (useful work only). Sampling counts 2 x 50 forwards per image.
+recomputes the forward but is still credited 3x (useful work only). Sampling counts 2 forwards (both CFG branches) per image per model call.
 Element-wise work (LayerNorm, GELU, softmax, adds) is not counted: it is the gap to the matmul rate.
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from efdit.diffusion import Guidance, create_diffusion, sample  # noqa: E402
+from efdit.diffusion.hooks.cache import build_accel  # noqa: E402
 from efdit.models.compiled import maybe_compile  # noqa: E402
 from efdit.models.dit import DiT, DiT_models  # noqa: E402
 
@@ -214,17 +217,29 @@ def bench_train(arch, input_size, batch, variants, args) -> dict:
     return interleaved(fns, args.min_time, args.max_rounds)
 
 
+# Sampling settings beside DDIM-50: the fastest ones that kept DDIM-50's FD in the quality-matched table
+# (benchmarks/sampling_quality.py; RESULTS.md, "Quality-matched sampling"): variant -> (method, steps, accel, kwargs)
+FAST_SAMPLERS = {
+    "efdit-dpmpp10": ("dpmpp2m", 10, "none", {}),
+    "efdit-taylorseer": ("ddim", None, "taylorseer", {"interval": 3, "order": 2}),
+}
+
+
 def bench_sampling(arch, input_size, batch, steps, variants, args) -> dict:
-    """`steps`-step DDIM with CFG scale 4 for `batch` labels -> seconds per image (best chain) per variant.
-    Each variant first runs a 2-step chain (warm-up; compiles the compiled variant), then the timed chains."""
+    """`steps`-step DDIM with CFG scale 4 for `batch` labels -> seconds per image per variant (best and median of
+    `args.sample_rounds` interleaved chains). Each variant first runs a 2-step chain (warm-up; compiles the compiled
+    variant). FAST_SAMPLERS variants run their own sampler / hook on the same model, labels and noise."""
     diffusion, warm = create_diffusion(str(steps)), create_diffusion("2")
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
     x_T = torch.randn(batch, IN_CH, input_size, input_size, generator=g)
     guidance = Guidance("cfg", 4.0)
-    runs, calls = {}, {}
+    runs, calls, n_steps = {}, {}, {}
     for v in variants:
-        m, _ = make_variant(v, arch, input_size)
+        method, v_steps, accel, kw = FAST_SAMPLERS.get(v, ("ddim", steps, "none", {}))
+        v_steps = v_steps or steps
+        n_steps[v] = v_steps
+        m, _ = make_variant("efdit" if v in FAST_SAMPLERS else v, arch, input_size)
         m.eval()
         if v.startswith("diffusers"):
             run = (lambda d, m=m: ddim_cfg_loop(m, labels, x_T, d, 4.0))
@@ -232,27 +247,32 @@ def bench_sampling(arch, input_size, batch, steps, variants, args) -> dict:
             fwd = maybe_compile(m, True, dynamic=False) if v == "efdit-compile" else m
             calls[v] = []  # the batch of every forward call: one call per step, both CFG branches in it
             m.register_forward_pre_hook(lambda mod, a, c=calls[v]: c.append(a[0].shape[0]))
-            run = (lambda d, fwd=fwd: _efdit_sample(fwd, labels, x_T, d, guidance))
+            hooks = [h for h in [build_accel(accel, kw)] if h is not None]
+            run = (lambda d, fwd=fwd, method=method, hooks=hooks: _efdit_sample(fwd, labels, x_T, d, guidance,
+                                                                                method, hooks))
         t0 = time.perf_counter()
         run(warm)
         if v == "efdit-compile":
             args.compile_seconds["sampling warm-up (2 steps)"] = time.perf_counter() - t0
-        runs[v] = (lambda run=run: run(diffusion))
+        d_v = diffusion if v_steps == steps else create_diffusion(str(v_steps))
+        runs[v] = (lambda run=run, d_v=d_v: run(d_v))
         if v in calls:
             calls[v].clear()
     timed = interleaved(runs, 0.0, args.sample_rounds, min_rounds=args.sample_rounds, warmup=False)
     res = {}
     for v in runs:
-        res[v] = {"s_per_img": timed[v]["best"] / batch}
+        res[v] = {"s_per_img": timed[v]["best"] / batch, "median_s_per_img": timed[v]["median"] / batch,
+                  "chains": timed[v]["n"], "steps": n_steps[v]}
         if v in calls:
-            res[v]["forwards_per_step"] = len(calls[v]) / (steps * timed[v]["n"])
+            res[v]["forwards_per_step"] = len(calls[v]) / (n_steps[v] * timed[v]["n"])
             res[v]["forward_batch"] = max(calls[v])
+            res[v]["forwards"] = len(calls[v]) / timed[v]["n"]
     return res
 
 
-def _efdit_sample(fwd, labels, x_T, diffusion, guidance):
+def _efdit_sample(fwd, labels, x_T, diffusion, guidance, method="ddim", hooks=()):
     with torch.inference_mode():
-        return sample(fwd, labels, diffusion, method="ddim", guidance=guidance, x_T=x_T, clip_x0=False,
+        return sample(fwd, labels, diffusion, method=method, guidance=guidance, hooks=hooks, x_T=x_T, clip_x0=False,
                       progress=False)
 
 
@@ -378,8 +398,9 @@ def report(R: dict) -> str:
          f"after: {', '.join(f'{v:.2f}' for v in R['load_after'])}. The machine is shared with other jobs, so "
          f"absolute numbers carry tens of percent of noise; the ratios come from interleaved calls of the same run.",
          "",
-         f"2048² fp32 matmul: {R['matmul'][0]:.1f} GFLOP/s at the start, {R['matmul'][1]:.1f} at the end; "
-         f"shares below are of the better one, **{rate:.1f} GFLOP/s**.",
+         f"2048² fp32 matmul, measured at the start, before the memory and sampling parts and at the end: "
+         f"{', '.join(f'{v:.1f}' for v in R['matmul'])} GFLOP/s; shares below are of the best, **{rate:.1f} GFLOP/s** "
+         f"(a conservative share).",
          "",
          "Parameters (asserted equal, diffusers' per-block embedder copies tied): "
          + "; ".join(f"{a} {n:,} (diffusers as shipped, untied: {u:,})" for a, (n, u) in R["params"].items()) + ".",
@@ -432,18 +453,37 @@ def report(R: dict) -> str:
     s = R.get("sampling")
     if not s:
         return "\n".join(L)
-    L.extend([f"**Sampling**, {s['arch']}, {s['steps']}-step DDIM, CFG scale 4 (both branches), {s['batch']} images "
-              f"per chain, best of {s['rounds']} chain(s) after a warm-up chain", "",
-              "| sampler | s / image | vs diffusers loop | forwards / step | forward batch | share of matmul rate |",
-              "|---|---:|---:|---:|---:|---:|"])
+    L.extend([f"**Sampling**, {s['arch']}, CFG scale 4 (both branches), {s['batch']} images per chain, "
+              f"{s['rounds']} chains per sampler interleaved after a warm-up chain (best and median)", "",
+              "| sampler | steps | s / image (best) | median | vs diffusers DDIM | model forwards / chain | "
+              "forward batch | share of matmul rate |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"])
     ref = s["res"].get("diffusers", {}).get("s_per_img")
-    fl = s["flops_per_img"]
+    labels = {"efdit": "efdit DDIM", "diffusers": "diffusers DDIM (loop by hand)", "efdit-compile": "efdit DDIM, compiled",
+              "efdit-dpmpp10": "efdit DPM-Solver++(2M)", "efdit-taylorseer": "efdit DDIM + TaylorSeer m=2 N=3"}
     for v, m in s["res"].items():
-        L.append(f"| {v} | {m['s_per_img']:.2f} | {ref / m['s_per_img']:.2f}× | "
-                 f"{fmt(m.get('forwards_per_step'), 1) if 'forwards_per_step' in m else '1 (by hand)'} | "
-                 f"{m.get('forward_batch', 2 * s['batch'])} | {100 * fl / m['s_per_img'] / 1e9 / rate:.0f} % |")
+        fwds = m.get("forwards", m["steps"])  # the diffusers loop: one doubled-batch forward per step
+        fl = fwds * m.get("forward_batch", 2 * s["batch"]) * s["flops_per_forward_img"] / s["batch"]
+        L.append(f"| {labels.get(v, v)} | {m['steps']} | {m['s_per_img']:.2f} | {m['median_s_per_img']:.2f} | "
+                 f"{ref / m['s_per_img']:.2f}× | {fmt(fwds, 1)} | {m.get('forward_batch', 2 * s['batch'])} | "
+                 f"{100 * fl / m['s_per_img'] / 1e9 / rate:.0f} % |")
+    L.append("")
+    L.append("A cached TaylorSeer step skips the blocks (only the embedders and the final layer run), so its share "
+             "counts the full forward it replaces.")
     L.append("")
     return "\n".join(L)
+
+
+def quality_matched() -> dict:
+    """Which FAST_SAMPLERS settings kept DDIM-50's FD in benchmarks/sampling_quality.json (the quality table)."""
+    path = ROOT / "benchmarks" / "sampling_quality.json"
+    if not path.is_file():
+        return {}
+    q = json.loads(path.read_text())
+    names = {"efdit-dpmpp10": "DPM-Solver++ 10", "efdit-taylorseer": "DDIM-50 + TaylorSeer m=2 N=3"}
+    rows = {r["name"]: r for r in q["rows"]}
+    return {v: {"name": n, "fd": rows[n]["fd"], "within": rows[n]["within"], "fd_ddim50": q["fd_ddim50"],
+                "tolerance": q["tolerance"], "model": q["model"]} for v, n in names.items() if n in rows}
 
 
 def targets(R: dict) -> str:
@@ -476,6 +516,17 @@ def targets(R: dict) -> str:
             L.append(f"- training memory {arch} batch {batch}: efdit with checkpointing / diffusers (no "
                      f"checkpointing, as shipped) **{ck / ref:.2f}×** per image (target ≤ 0.6: "
                      f"{'met' if ck / ref <= 0.6 else 'not met'})")
+    smp = R.get("sampling")
+    if smp and "diffusers" in smp["res"]:
+        ref = smp["res"]["diffusers"]["s_per_img"]
+        for v, q in smp.get("quality", {}).items():
+            if v not in smp["res"]:
+                continue
+            sp = ref / smp["res"][v]["s_per_img"]
+            L.append(f"- sampling, {q['name']} vs the peers' {smp['steps']}-step DDIM: **{sp:.2f}×** fewer s/img "
+                     f"(target ≥ 2.5: {'met' if sp >= 2.5 else 'not met'}); quality from the quality-matched table "
+                     f"({q['model']}): FD {q['fd']:.0f} vs DDIM-50 {q['fd_ddim50']:.0f} + tolerance {q['tolerance']:.0f}"
+                     f" → {'within' if q['within'] else 'outside'}")
     return "\n".join(L) + "\n"
 
 
@@ -526,7 +577,7 @@ def main(argv=None) -> dict:
     else:
         archs, inp, fwd_batches = ["DiT-S/2", "DiT-B/2"], 32, [8, 32]
         train_cfgs, mem_cfg, samp = [("DiT-S/2", 32), ("DiT-B/2", 8)], ("DiT-S/2", 32), ("DiT-S/2", 2, 50)
-        args.min_time, args.max_rounds, args.sample_rounds = 5.0, 4, 1
+        args.min_time, args.max_rounds, args.sample_rounds = 5.0, 4, 3
     compile_on = not args.no_compile and (args.compile or not args.quick)
     parts = set(args.parts.split(","))
     R["matmul"] = [matmul_gflops()]
@@ -561,6 +612,7 @@ def main(argv=None) -> dict:
             print(f"train {arch} b{b}: " + ", ".join(f"{k} {b / v['best']:.2f} img/s" for k, v in t.items()), flush=True)
 
     if "memory" in parts:
+        R["matmul"].append(matmul_gflops())
         arch, b = mem_cfg
         mem_variants = ["efdit-ckpt", "diffusers"] if args.quick else ["efdit", "efdit-ckpt", "diffusers", "diffusers-ckpt"]
         mem = bench_memory(arch, inp, b, mem_variants, args.threads)
@@ -571,12 +623,14 @@ def main(argv=None) -> dict:
                   flush=True)
 
     if "sampling" in parts:
+        R["matmul"].append(matmul_gflops())
         arch, b, steps = samp
         s = sizes_of(arch)
-        variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else [])
+        variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else []) + list(FAST_SAMPLERS)
         res = bench_sampling(arch, inp, b, steps, variants, args)
         R["sampling"] = {"arch": arch, "batch": b, "steps": steps, "rounds": args.sample_rounds, "res": res,
-                         "flops_per_img": 2 * steps * dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)}
+                         "flops_per_forward_img": dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp),
+                         "quality": quality_matched()}
         print(f"sampling {arch} {steps} steps: " + ", ".join(f"{k} {v['s_per_img']:.2f} s/img" for k, v in res.items()),
               flush=True)
 
