@@ -192,7 +192,7 @@ def run(args) -> dict:
             "model": _short(args.model), "guidance": f"{g.mode} ×{g.scale:g}", "clip_x0": cfg.sample.clip_x0,
             "machine": machine(), "load_before": load0, "load_after": os.getloadavg(),
             "minutes": (time.time() - t_start) / 60,
-            "command": "OMP_NUM_THREADS=1 .venv/bin/python " + shlex.join(["benchmarks/sampling_quality.py", *sys.argv[1:]]),
+            "command": ".venv/bin/python " + shlex.join(["benchmarks/sampling_quality.py", *sys.argv[1:]]),
             "_objects": (model, cfg, hierarchy)}
 
 
@@ -211,8 +211,9 @@ def markdown(res: dict) -> str:
              f"{res['n_per_class']} real test images per subclass, FD-EffNetLite0 at 64 px "
              f"(real-vs-real floor at this N: {res['floor_fd']:.2f}). All settings but `DDIM-50 (seed 1)` start from "
              "the same noise. Machine: " + res["machine"] + f"; load average {res['load_before'][0]:.1f} before / "
-             f"{res['load_after'][0]:.1f} after on a machine **shared by 6 agents**, so wall-clock s/img carry tens "
-             "of percent of noise: the *branch share* column (attention + MLP evaluations counted vs DDIM-50) is the "
+             f"{res['load_after'][0]:.1f} after (the 2 cores are shared with other work, and even alone the matmul "
+             "rate of this VM varied by ±20 % within minutes), so wall-clock s/img carry tens of percent of "
+             "noise: the *branch share* column (attention + MLP evaluations counted vs DDIM-50) is the "
              "noise-free cost. Speed-up = mean s/img of the two DDIM-50 runs / the setting's s/img; *paired* "
              f"speed-up = DDIM-50 and the setting timed back to back on the same {res.get('paired_timing_images', 0)} "
              "images, so both see about the same load (the better speed estimate).",
