@@ -131,3 +131,39 @@ def test_unwrap_and_single_process_helpers(tmp_path):
         assert distributed.unwrap(torch.compile(ddp)) is model
     finally:
         dist.destroy_process_group()
+
+
+FAILING_WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from efdit.cli import main as cli_main
+    import efdit.train as T
+
+    real = T.load_data
+    def load_data(cfg, *a, **k):  # rank 1 meets a bad image at its third batch (a lazily read file, say)
+        ds = real(cfg, *a, **k)
+        batch, calls = ds.batch, [0]
+        def bad(idx, *a, **k):
+            calls[0] += 1
+            if os.environ["RANK"] == "1" and calls[0] == 3:
+                raise T.EfditError("cannot read image 17 (simulated corrupt file)")
+            return batch(idx, *a, **k)
+        ds.batch = bad
+        return ds
+    T.load_data = load_data
+    sys.exit(cli_main(["train", "--preset", "digits-tiny", "--run-dir", sys.argv[1], "--total-images", "100000",
+                       "--batch-size", "32", "--threads", "1", "--device", "cpu", "--no-progress"]))
+''')
+
+
+def test_an_error_on_one_rank_ends_the_whole_job(tmp_path):
+    """No rank is left waiting in a collective: rank 1 exits with its one-line error, torchrun stops rank 0."""
+    (tmp_path / "worker.py").write_text(FAILING_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           str(tmp_path / "worker.py"), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)  # a hang would time out
+    assert proc.returncode != 0
+    assert "efdit: error: cannot read image 17 (simulated corrupt file)" in proc.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
