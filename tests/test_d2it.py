@@ -246,3 +246,29 @@ def test_percentiles_match_numpy_inverted_cdf():
     e = np.random.default_rng(0).random(101)
     th = percentile_thresholds(e)
     assert th["50"] == pytest.approx(np.sort(e)[50]) and th["0"] == e.min() and th["100"] == e.max()
+
+
+def test_d2it_cli_trains_every_stage_then_samples(tmp_path, capsys):
+    """`efdit d2it train` end to end on 16 px digits (2 steps a stage), then `efdit d2it sample` from its files."""
+    from efdit.cli import main as cli_main
+    from efdit.d2it.train import STAGES, load_dct, load_dgt, load_dit
+    from efdit.d2it.config import build_d2it_config
+    run = tmp_path / "run"
+    args = ["d2it", "train", "--preset", "fmnist32", "--run-dir", str(run), "--data.dataset", "digits",
+            "--data.image_size", "16", "--no-progress"]
+    for stage in ("dvae", "dgt", "dct", "dit"):
+        args += [f"--{stage}.steps", "2", f"--{stage}.batch_size", "4", f"--{stage}.minutes", "0"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    for line in ("DVAE: 2 steps (8 images", "DGT: 2 steps (8 maps", "DCT: 2 steps (8 latents", "DiT: 2 steps (8 latents"):
+        assert line in out
+    cfg = build_d2it_config("fmnist32", {})
+    dgt, dct, dit = load_dgt(cfg, run), load_dct(cfg, run), load_dit(cfg, run)
+    assert not (dgt.training or dct.training or dit.training)
+    assert dit.in_channels == 4 and dit.input_size == (8, 8)  # 16 px / f1 = 2
+    assert len(STAGES) >= 5
+    assert cli_main(["d2it", "sample", str(run), "--per-class", "1", "--classes", "0,1", "--sample.steps", "3",
+                     "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    data = np.load(tmp_path / "s" / "samples-dgt.npz")
+    assert data["images"].shape == (2, 1, 16, 16) and data["grains"].shape == (2, 4, 4)
+    assert data["labels"].tolist() == [0, 1] and (tmp_path / "s" / "grid-dgt.png").is_file()

@@ -98,6 +98,25 @@ def load_stage(path: Path):
     return tensors, meta
 
 
+def load_stage_model(run_dir: Path, name: str, build):
+    """A trained stage's model (`name`.safetensors), rebuilt by build(its saved D2itConfig, its metadata)."""
+    tensors, meta = load_stage(run_dir / f"{name}.safetensors")
+    model = build(D2itConfig.from_dict(meta["config"]), meta)
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+def fit_and_save(name: str, model, loss_fn, stage, cfg: D2itConfig, run_dir: Path, progress: bool, unit: str,
+                 **meta) -> None:
+    """Train a stage with its own config section `stage` (lr, steps, minutes, ema_decay, batch_size), save its EMA
+    to `name`.safetensors and print a one-line summary."""
+    ema, info = fit(name, model, loss_fn, stage.lr, stage.steps, stage.minutes, stage.ema_decay, run_dir,
+                    stage.batch_size, progress)
+    save_stage(run_dir / f"{name}.safetensors", ema, cfg, progress=info, **meta)
+    print(f"{name.upper() if name != 'dit' else 'DiT'}: {info['steps']} steps ({info['images']:,} {unit}, "
+          f"{info['seconds']:.0f} s)")
+
+
 # ---- stage: prepare -------------------------------------------------------------------------------------
 def datasets(cfg: D2itConfig):
     d = cfg.data
@@ -240,19 +259,13 @@ def stage_dgt(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=gen)
         return {"loss": grain_loss(model, diffusion, g, labels[idx], t, gen)}
 
-    ema, info = fit("dgt", model, loss_fn, d.lr, d.steps, d.minutes, d.ema_decay, run_dir, d.batch_size, progress)
-    save_stage(run_dir / "dgt.safetensors", ema, cfg, num_classes=train_ds.hierarchy.num_sub, progress=info,
-               hierarchy=train_ds.hierarchy.to_dict())
-    print(f"DGT: {info['steps']} steps ({info['images']:,} maps, {info['seconds']:.0f} s)")
+    fit_and_save("dgt", model, loss_fn, d, cfg, run_dir, progress, "maps", num_classes=train_ds.hierarchy.num_sub,
+                 hierarchy=train_ds.hierarchy.to_dict())
 
 
 def load_dgt(cfg: D2itConfig, run_dir: Path):
     from .dgt import build_dgt
-    tensors, meta = load_stage(run_dir / "dgt.safetensors")
-    cfg = D2itConfig.from_dict(meta["config"])
-    model = build_dgt(cfg, meta["num_classes"])
-    model.load_state_dict(tensors)
-    return model.eval()
+    return load_stage_model(run_dir, "dgt", lambda c, m: build_dgt(c, m["num_classes"]))
 
 
 # ---- stage: DCT -----------------------------------------------------------------------------------------
@@ -279,18 +292,13 @@ def stage_dct(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=gen)
         return training_losses(model, diffusion, x0, g, labels[idx], t, gen, d.w_coarse, d.w_fine, d.weighting)
 
-    ema, info = fit("dct", model, loss_fn, d.lr, d.steps, d.minutes, d.ema_decay, run_dir, d.batch_size, progress)
-    save_stage(run_dir / "dct.safetensors", ema, cfg, in_channels=z.shape[1], num_classes=num_classes, progress=info)
-    print(f"DCT: {info['steps']} steps ({info['images']:,} latents, {info['seconds']:.0f} s)")
+    fit_and_save("dct", model, loss_fn, d, cfg, run_dir, progress, "latents", in_channels=z.shape[1],
+                 num_classes=num_classes)
 
 
 def load_dct(cfg: D2itConfig, run_dir: Path):
     from .dct import build_dct
-    tensors, meta = load_stage(run_dir / "dct.safetensors")
-    cfg = D2itConfig.from_dict(meta["config"])
-    model = build_dct(cfg, meta["in_channels"], meta["num_classes"])
-    model.load_state_dict(tensors)
-    return model.eval()
+    return load_stage_model(run_dir, "dct", lambda c, m: build_dct(c, m["in_channels"], m["num_classes"]))
 
 
 # ---- stage: plain DiT baseline ---------------------------------------------------------------------------
@@ -323,17 +331,12 @@ def stage_dit(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         terms = diffusion.training_losses(model, x0, t, {"y": labels[idx]}, noise=noise)
         return {k: v.mean() for k, v in terms.items()}
 
-    ema, info = fit("dit", model, loss_fn, d.lr, d.steps, d.minutes, d.ema_decay, run_dir, d.batch_size, progress)
-    save_stage(run_dir / "dit.safetensors", ema, cfg, in_channels=z.shape[1], num_classes=num_classes, progress=info)
-    print(f"DiT: {info['steps']} steps ({info['images']:,} latents, {info['seconds']:.0f} s)")
+    fit_and_save("dit", model, loss_fn, d, cfg, run_dir, progress, "latents", in_channels=z.shape[1],
+                 num_classes=num_classes)
 
 
 def load_dit(cfg: D2itConfig, run_dir: Path):
-    tensors, meta = load_stage(run_dir / "dit.safetensors")
-    cfg = D2itConfig.from_dict(meta["config"])
-    model = build_baseline_dit(cfg, meta["in_channels"], meta["num_classes"])
-    model.load_state_dict(tensors)
-    return model.eval()
+    return load_stage_model(run_dir, "dit", lambda c, m: build_baseline_dit(c, m["in_channels"], m["num_classes"]))
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
