@@ -65,6 +65,11 @@ def test_inat_adapter_reads_the_json_lazily(tmp_path):
         build_dataset("inat21", split="train", root=tmp_path)
     with pytest.raises(EfditError, match="split must be one of train_mini, train, val"):
         build_dataset("inat21", split="test", root=tmp_path)
+    first = sorted((tmp_path / "train_mini").rglob("*.jpg"))[0]
+    first.unlink()  # the JSON is there but the archive was not extracted (here: its first image)
+    with pytest.raises(EfditError, match=r"inat21: image .*0000-uuid\.jpg is missing \(listed in train_mini\.json: "
+                                         r"extract train_mini\.tar\.gz into"):
+        build_dataset("inat21", split="train_mini", root=tmp_path, image_size=16)
 
 
 def test_inat_full_category_list_is_cross_checked_against_the_official_table():
@@ -133,6 +138,14 @@ def test_vegfru_errors_name_the_files(tmp_path):
     lst.write_text(lst.read_text() + "veg200_images/kale/v_03_09_0009.jpg 1\n")  # kale under two superclasses
     with pytest.raises(EfditError, match="'kale' \\(id 1\\) lies under two superclasses"):
         build_dataset("vegfru", root=tmp_path)
+    lst.write_text("")
+    with pytest.raises(EfditError, match="the test list\\(s\\) under .* are empty"):
+        build_dataset("vegfru", split="test", root=tmp_path)
+    make_vegfru(tmp_path / "fresh")
+    first = (tmp_path / "fresh" / "vegfru_list" / "vegfru_train.txt").read_text().split()[0]
+    (tmp_path / "fresh" / first).unlink()
+    with pytest.raises(EfditError, match=r"vegfru: image .* is missing \(expected veg200_images/ and fru92_images/"):
+        build_dataset("vegfru", split="train", root=tmp_path / "fresh")
 
 
 # ---- folder format and preprocessing ----------------------------------------------------------------------------

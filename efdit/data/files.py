@@ -56,7 +56,10 @@ class FileDataset(LabelSummary, torch.utils.data.Dataset):
     def __init__(self, files: Sequence[str | os.PathLike], sub_labels, hierarchy: Hierarchy, name: str,
                  split: str = "train", image_size: int | tuple[int, int] | None = None, channels: int | None = None,
                  root: str | os.PathLike | None = None, on_bad_image: str = "fail",
-                 allow_empty_classes: bool = False, info: dict | None = None, num_workers: int = 8):
+                 allow_empty_classes: bool = False, info: dict | None = None, num_workers: int = 8,
+                 missing_hint: str = ""):
+        """missing_hint: when given, the first file must exist (a cheap check that an archive was extracted
+        where its list says); the error names that file and adds the hint."""
         self.files = [str(f) for f in files]
         self.sub_labels = torch.as_tensor(sub_labels, dtype=torch.long)
         if self.sub_labels.shape != (len(self.files),):
@@ -69,6 +72,9 @@ class FileDataset(LabelSummary, torch.utils.data.Dataset):
             raise EfditError(f"on_bad_image must be skip | fail, got {on_bad_image!r}")
         self.hierarchy, self.name, self.split = hierarchy, name, split
         self.root = Path(root) if root is not None else None
+        first = self.root / self.files[0] if self.root is not None else Path(self.files[0])
+        if missing_hint and not first.is_file():
+            raise EfditError(f"{name}: image {first} is missing ({missing_hint})")
         self.image_size = as_size(image_size, (256, 256))
         self.num_channels = 3 if channels is None else channels
         if self.num_channels not in (1, 3):

@@ -127,10 +127,10 @@ def load_vegfru(root: str | os.PathLike, split: str = "train", image_size: int |
         if not f.is_file():
             raise EfditError(f"VegFru: {f} not found (the official vegfru_list folder)")
         items += _read_list(f)
-    first = root / items[0][0]
-    if not first.is_file():
-        raise EfditError(f"VegFru: image {first} is missing (expected veg200_images/ and fru92_images/ under {root})")
+    if not items:
+        raise EfditError(f"VegFru: the {split} list(s) under {root / 'vegfru_list'} are empty")
     files, labels = zip(*items)
     return FileDataset(files, list(labels), h, "vegfru", split, image_size, channels, root=root,
                        on_bad_image=on_bad_image, allow_empty_classes=allow_empty_classes,
-                       info={"source": str(root)})
+                       info={"source": str(root)},
+                       missing_hint=f"expected veg200_images/ and fru92_images/ under {root}")
