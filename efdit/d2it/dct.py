@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.dit import DiTBlock, FinalLayer, modulate
+from ..models.dit import DiTBlock, FinalLayer, modulate, xavier_linears
 from ..models.embedders import LabelEmbedder, TimestepEmbedder
 
 
@@ -69,12 +69,7 @@ class DynamicContentTransformer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(_basic_init)
+        self.apply(xavier_linears)
         for p in (self.grain_embed, self.pos_embed, self.sub_pos_embed):
             nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)

@@ -86,6 +86,12 @@ def fit(name: str, model: torch.nn.Module, loss_fn, lr: float, steps: int, minut
     return out, {"steps": step, "images": step * batch_size, "seconds": round(time.time() - start, 1)}
 
 
+def random_hflip(gen: torch.Generator, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The same random horizontal flip (p = 0.5 per item, one draw per batch item) applied to every tensor."""
+    flip = torch.rand(len(tensors[0]), generator=gen) < 0.5
+    return [torch.where(flip.view(-1, *[1] * (t.dim() - 1)), t.flip(-1), t) for t in tensors]
+
+
 def save_stage(path: Path, model: torch.nn.Module, cfg: D2itConfig, **meta) -> Path:
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return save_safetensors(path, sd, {"kind": "d2it", "config": cfg.to_dict(), **meta})
@@ -182,9 +188,7 @@ def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         x = to_signed(train_ds.images[idx])
         e = ent_train[idx]
         if cfg.data.hflip:   # entropy is flip-invariant per region: flip the map with the image
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            e = torch.where(flip[:, None, None], e.flip(-1), e)
+            x, e = random_hflip(gen, x, e)
         tau = taus[torch.randint(0, len(ratios), (len(idx),), generator=gen)]
         grain = (e > tau[:, None, None]).long()
         return model.loss(x, grain, d.kl_weight, generator=gen)
@@ -254,8 +258,7 @@ def stage_dgt(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         idx = torch.randint(0, len(grain), (d.batch_size,), generator=gen)
         g = grain[idx]
         if cfg.data.hflip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            g = torch.where(flip[:, None, None], g.flip(-1), g)
+            g, = random_hflip(gen, g)
         t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=gen)
         return {"loss": grain_loss(model, diffusion, g, labels[idx], t, gen)}
 
@@ -286,9 +289,7 @@ def stage_dct(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         idx = torch.randint(0, len(z), (d.batch_size,), generator=gen)
         x0, g = z[idx], grain[idx]
         if cfg.data.hflip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            g = torch.where(flip[:, None, None], g.flip(-1), g)
+            x0, g = random_hflip(gen, x0, g)
         t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=gen)
         return training_losses(model, diffusion, x0, g, labels[idx], t, gen, d.w_coarse, d.w_fine, d.weighting)
 
@@ -324,8 +325,7 @@ def stage_dit(cfg: D2itConfig, run_dir: Path, progress: bool = True):
         idx = torch.randint(0, len(z), (d.batch_size,), generator=gen)
         x0 = z[idx]
         if cfg.data.hflip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            x0, = random_hflip(gen, x0)
         t = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         terms = diffusion.training_losses(model, x0, t, {"y": labels[idx]}, noise=noise)

@@ -95,6 +95,14 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
 
+def xavier_linears(module: nn.Module) -> None:
+    """DiT's basic init, for `model.apply`: Xavier-uniform Linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
@@ -134,12 +142,7 @@ class DiT(nn.Module):
     def initialize_weights(self):
         if self.pos_embed.device.type == "meta":
             return
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        self.apply(_basic_init)
+        self.apply(xavier_linears)
 
         pe = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
