@@ -1,4 +1,5 @@
 """Official-checkpoint import and efdit's safetensors format."""
+import os
 import pickle
 
 import pytest
@@ -117,6 +118,11 @@ def test_safetensors_roundtrip_version_and_atomicity(tmp_path):
     cfg = {"model": TINY, "note": "x"}
     path = save_safetensors(tmp_path / "ckpt" / "model.safetensors", m.state_dict(), cfg)
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp file left behind
+    umask = os.umask(0o022)
+    try:  # the mode a plain open() would give (mkstemp and safetensors both create 0600 files)
+        assert (save_safetensors(tmp_path / "mode.safetensors", {"a": torch.zeros(1)}).stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(umask)
     tensors, config, meta = load_safetensors(path)
     assert config == cfg and meta["format_version"] == "1"
     assert all(torch.equal(tensors[k], v) for k, v in m.state_dict().items())

@@ -138,10 +138,14 @@ def load_official_dit(path: str | os.PathLike, num_classes: int | None = None, y
 def _atomic_path(path: Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    return Path(tmp)
+
+
+def _usual_mode(path: Path) -> None:
+    """mkstemp and safetensors both create 0600 files: give the final file the mode the umask asks for."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file the usual mode
-    return Path(tmp)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict | None = None,
@@ -157,6 +161,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     tmp = _atomic_path(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
