@@ -167,3 +167,39 @@ def test_an_error_on_one_rank_ends_the_whole_job(tmp_path):
     assert proc.returncode != 0
     assert "efdit: error: cannot read image 17 (simulated corrupt file)" in proc.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+PEFT_WORKER = textwrap.dedent('''
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from efdit import distributed
+    from efdit.config import build_config
+    from efdit.train import train
+    cfg = build_config("digits-tiny", {"run_dir": sys.argv[1], "init_from": sys.argv[2], "peft": "finediffusion",
+                                       "total_images": 64, "batch_size": 16, "ckpt_every": 32, "threads": 1,
+                                       "device": "cpu", "sample.steps": "2", "sample.per_class": 1})
+    train(cfg, progress=False)
+    distributed.cleanup()
+''')
+
+
+def test_torchrun_peft_run_saves_a_delta_over_its_base(tmp_path):
+    """Two ranks fine-tune from a base: rank 0 records the base once, the files are deltas, the model reloads."""
+    from efdit.finetune import frozen_keys
+    from efdit.runs import load_model
+    base = tmp_path / "base"
+    train(build_config("digits-tiny", {"run_dir": str(base), "total_images": 32, "threads": 1,
+                                       "sample.steps": "2", "sample.per_class": 1}), progress=False)
+    (tmp_path / "worker.py").write_text(PEFT_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           str(tmp_path / "worker.py"), str(tmp_path / "run"), str(base / "model.safetensors")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tensors, meta, _ = load_safetensors(tmp_path / "run" / "model.safetensors")
+    assert meta["base"]["path"] == str((base / "model.safetensors").resolve())
+    model, _, _, _ = load_model(tmp_path / "run" / "model.safetensors")
+    assert set(tensors) == set(model.state_dict()) - set(frozen_keys(model))
+    _, smeta, _ = load_safetensors(tmp_path / "run" / "checkpoints" / "latest.safetensors")
+    assert smeta["base"] == meta["base"] and smeta["progress"]["world_size"] == 2
