@@ -31,6 +31,9 @@ def _model_path(run: str) -> Path:
     return path
 
 
+REFINER_ITEMS = 4096  # training items drawn from a dataset that is not held in memory
+
+
 def train_refiner_for(run: str, steps: int = 600, r: float = 2.0, hidden: int = 32, depth: int = 3,
                       out: str = "", seed: int = 0) -> Path:
     """Self-supervised refiner on the run's training images (in the model's [-1, 1] space)."""
@@ -40,7 +43,12 @@ def train_refiner_for(run: str, steps: int = 600, r: float = 2.0, hidden: int = 
     path = _model_path(run)
     _, cfg, _, meta = load_model(path)
     data = load_data(cfg, "train")
-    images = data.images.float() / 127.5 - 1.0  # (N, C, H, W) uint8 -> [-1, 1]
+    if hasattr(data, "images"):
+        images = data.images.float() / 127.5 - 1.0  # (N, C, H, W) uint8 -> [-1, 1]
+    else:  # file-backed images or a latent cache: a random part, in the model's space (pixels in [-1, 1] / latents)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=g)[:REFINER_ITEMS]
+        images = data.batch(idx, g)[0]
     t0 = time.time()
     refiner, losses = train_refiner(images, r=r, hidden=hidden, depth=depth, steps=steps, seed=seed)
     dst = Path(out) if out else path.parent / "hrig-refiner.safetensors"

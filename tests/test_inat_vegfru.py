@@ -250,4 +250,6 @@ def test_evaluate_a_vegfru_run(tmp_path, monkeypatch):
     assert rec["n"] == 4 and rec["reference_id"].startswith("vegfru-test-8-c3-n1")
     assert {"fd_effnetlite0", "fine_acc", "coarse_acc"} <= set(rec["metrics"]) & set(rec["floor"])
     assert [f.name for f in (tmp_path / "cache" / "classifiers").glob("*.safetensors")] == \
-        [f"vegfru-8x8x3-n{E.CLASSIFIER_PER_CLASS}.safetensors"]
+        ["vegfru-8x8x3-n100.safetensors"]
+    from efdit.hrig_tools import train_refiner_for  # HRIG's learned enhancer trains on the files too
+    assert train_refiner_for(str(tmp_path / "run"), steps=2).is_file()

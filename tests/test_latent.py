@@ -179,3 +179,7 @@ def test_evaluate_a_latent_run_against_its_pixel_images(vae_dir, tmp_path, monke
     # the classifier was trained on the 16x16 RGB images, not on the 8x8x4 latents
     assert [f.name for f in (tmp_path / "efdit-cache" / "classifiers").glob("*.safetensors")] == \
         ["folder-16x16x3.safetensors"]
+    from efdit.hrig_tools import train_refiner_for  # HRIG's learned enhancer trains on the latents (model space)
+    from safetensors.torch import load_file
+    refiner = train_refiner_for(str(tmp_path / "run"), steps=2)
+    assert any(v.dim() == 4 and v.shape[1] == 4 for v in load_file(refiner).values())  # 4 latent channels in
