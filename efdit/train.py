@@ -223,6 +223,11 @@ def dry_run_report(cfg: Config, dataset=None) -> None:
     print(f"model: {n_params:,} parameters ({n_train:,} trainable, {100 * n_train / n_params:.4f}%, "
           f"peft={cfg.model.peft}, embedder={cfg.model.embedder}), {len(model.blocks)} blocks, "
           f"{model.x_embedder.num_patches} tokens")
+    frozen = set(frozen_keys(model)) if saves_delta(cfg) else set()
+    stored = sum(v.numel() for k, v in model.state_dict().items() if k not in frozen)
+    print(f"model file: {stored * 4 / 2**20:,.1f} MiB fp32" +
+          (f", a PEFT delta over {cfg.train.init_from} (--save-frozen true: the whole model)" if saves_delta(cfg)
+           else ""))
     print(f"run directory: {run_dir_of(cfg)}")
 
 
