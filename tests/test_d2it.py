@@ -189,6 +189,30 @@ def test_dct_shapes_and_coarse_outputs_constant(attn):
     assert not coarse_constant(out, torch.zeros_like(grain))
 
 
+@pytest.mark.parametrize("attn", ["global", "region"])
+def test_sparse_refinenet_equals_the_dense_masked_one(attn):
+    """Gathering only the needed sub-tokens gives the dense masked RefineNet's output (and gradients)."""
+    dense = tiny_dct(refine_attention=attn, sparse_refine=False)
+    sparse = tiny_dct(refine_attention=attn, sparse_refine=True)
+    sparse.load_state_dict(dense.state_dict())
+    g = torch.Generator().manual_seed(3)
+    grain = (torch.rand(4, 4, 4, generator=g) < 0.3).long()
+    grain[0] = 0          # all coarse
+    grain[1] = 1          # all fine
+    x = project_multigrain(torch.randn(4, 2, 8, 8, generator=g), grain)
+    t, y = torch.tensor([1, 200, 600, 999]), torch.tensor([0, 1, 2, 1])
+    a, b = dense(x, t, y, grain=grain), sparse(x, t, y, grain=grain)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, pa), pb in zip(dense.named_parameters(), sparse.parameters()):
+        scale = float(pa.grad.abs().max()) + 1e-12  # elementwise rtol fails on near-zero entries: float rounding
+        assert float((pb.grad - pa.grad).abs().max()) <= 1e-5 * scale, name
+    all_coarse = torch.zeros_like(grain)
+    torch.testing.assert_close(sparse(x, t, y, grain=all_coarse), dense(x, t, y, grain=all_coarse),
+                               rtol=1e-5, atol=1e-6)
+
+
 class _Record(SamplerHook):
     def __init__(self):
         self.xs = []

@@ -77,6 +77,7 @@ class DCTConfig:
     learn_sigma: bool = True
     refine_attention: str = "global"   # global (fine sub-tokens + coarse tokens) | region (within each region)
     residual: bool = True               # ε̂_fine = ε̂_coarse + Δ (False: direct prediction)
+    sparse_refine: bool = True          # RefineNet on the needed sub-tokens only (False: dense + mask, same result)
     weighting: str = "per_grain"        # per_grain (w_c·mean_coarse + w_f·mean_fine) | per_code (pooled)
     w_coarse: float = 1.0
     w_fine: float = 1.0
