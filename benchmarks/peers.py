@@ -146,17 +146,16 @@ def make_variant(variant: str, arch: str, input_size: int):
 
 
 # ---- timing -----------------------------------------------------------------------------------------------------
-def interleaved(fns: dict, min_time: float, max_rounds: int, min_rounds: int = 2, warmup: bool = True) -> dict:
+def interleaved(fns: dict, min_time: float, max_rounds: int, min_rounds: int = 3, warmup: bool = True) -> dict:
     """Best seconds per call of each fn; a warm-up call each (its time is returned as `warmup`), then rounds in
-    which every fn runs once, until each has run `min_time` seconds in all (or `max_rounds` rounds)."""
+    which every fn runs once: at least `min_rounds`, until each has run `min_time` seconds in all (at most
+    `max_rounds`). Three rounds at least: with one timed call each, a ratio on this shared VM moved by ±10 %."""
     warm, times = {k: None for k in fns}, {k: [] for k in fns}
     for k, fn in (fns.items() if warmup else ()):
         t0 = time.perf_counter()
         fn()
         warm[k] = time.perf_counter() - t0
-    if warmup and min(warm.values()) > 2 * min_time:
-        min_rounds = 1  # every call is long: one timed call each after the warm-up
-    for r in range(max_rounds):
+    for r in range(max(max_rounds, min_rounds)):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -602,7 +601,7 @@ def main(argv=None) -> dict:
     if "train" in parts:
         for arch, b in train_cfgs:
             s = sizes_of(arch)
-            variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on and arch == mem_cfg[0] else []) + \
+            variants = ["efdit", "diffusers"] + (["efdit-compile"] if compile_on else []) + \
                 (["efdit-ckpt"] if arch == mem_cfg[0] else [])
             t = bench_train(arch, inp, b, variants, args)
             fl = dit_flops(s["depth"], s["hidden_size"], s["patch_size"], inp)
