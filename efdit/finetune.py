@@ -10,11 +10,12 @@ the old behaviour: everything in every file.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, apply_overrides
 from .data.hierarchy import Hierarchy
 from .errors import EfditError
 from .models.checkpoint import file_sha256, load_safetensors, load_state_dict_checked
@@ -62,20 +63,24 @@ def check_base(record: dict, source: str) -> Path:
         raise EfditError(f"{source} stores only the tensors a PEFT run trained; it needs its base model "
                          f"{path} (sha256 {record['sha256']}), which is not there: put the base back at that "
                          f"path (or export a standalone file where it is: efdit export RUN)")
-    sha = file_sha256(path)
-    if sha != record["sha256"]:
-        raise EfditError(f"{source} was fine-tuned from a base with sha256 {record['sha256']}, but {path} now has "
-                         f"sha256 {sha}: the frozen weights would not be the ones it was trained with")
+    same_base(record, {"path": str(path), "sha256": file_sha256(path)}, source)
     return path
+
+
+def same_base(record: dict, now: dict | None, source: str) -> None:
+    """Refuse a delta whose base (`record`, from its file) is not the base at hand (`now`: path and sha256)."""
+    if now is None or now["sha256"] != record["sha256"]:
+        where = f"{now['path']} now has sha256 {now['sha256']}" if now else "this run has no base (train.init_from)"
+        raise EfditError(f"{source} was fine-tuned from a base with sha256 {record['sha256']}, but {where}: "
+                         f"the frozen weights would not be the ones it was trained with")
 
 
 def load_delta(model: torch.nn.Module, cfg: Config, hierarchy: Hierarchy, tensors: dict[str, torch.Tensor],
                record: dict, source: str) -> None:
     """Fill `model` (built from `cfg`) from its base and then from a delta state dict."""
     base = check_base(record, source)
-    d = cfg.to_dict()
-    d["train"]["init_from"] = str(base)
-    init_from_base(model, Config.from_dict(d), hierarchy, verbose=False)
+    init_from_base(model, apply_overrides(copy.deepcopy(cfg), {"train.init_from": str(base)}), hierarchy,
+                   verbose=False)
     load_state_dict_checked(model, tensors, allow_missing=tuple(frozen_keys(model)), source=source, verbose=False)
 
 

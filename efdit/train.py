@@ -25,7 +25,7 @@ from .errors import EfditError
 from .models.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from .models.dit import count_params
 from .models.peft import parameter_report
-from .finetune import base_record, check_base, delta_state, frozen_keys, init_from_base, saves_delta
+from .finetune import base_record, delta_state, frozen_keys, init_from_base, same_base, saves_delta
 from .runs import build_diffusion, build_model, labels_for, save_model
 
 # Fields that may change between a run and its resumption (budgets, intervals, the device; sample.* too).
@@ -140,14 +140,15 @@ def save_training_state(path: Path, model, ema, opt, gen: torch.Generator, progr
 
 
 def load_training_state(path: Path, model, ema, opt, gen: torch.Generator, rank: int = 0, world: int = 1,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, base: dict | None = None) -> dict:
     """Restore model, EMA, optimizer and this rank's RNG states. A run resumed on another number of processes
-    cannot continue the old random streams: each rank is re-seeded from (seed, step, rank) instead."""
+    cannot continue the old random streams: each rank is re-seeded from (seed, step, rank) instead.
+    base: `finetune.base_record` of the base the model was just filled from (a PEFT delta run)."""
     tensors, meta, _ = load_safetensors(path)
     model = distributed.unwrap(model)
     frozen = ()
     if meta.get("base"):  # a PEFT delta: the frozen weights came from the base (init_from_base), check it is the same
-        check_base(meta["base"], str(path))
+        same_base(meta["base"], base, str(path))
         frozen = tuple(frozen_keys(model))
     load_state_dict_checked(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                             allow_missing=frozen, source=str(path), verbose=False)
@@ -278,7 +279,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
         if diff:
             raise EfditError(f"{run_dir} holds a run with another config ({'; '.join(diff[:4])}): "
                              f"use another --run-dir, or the same options to resume")
-        prog = load_training_state(ckpt_path, model, ema, opt, gen, rank, world, cfg.train.seed)
+        prog = load_training_state(ckpt_path, model, ema, opt, gen, rank, world, cfg.train.seed, base)
         if main:
             was = prog.get("world_size", 1)
             print(f"resuming {run_dir} from step {prog['step']} ({prog['images']:,} images)"

@@ -126,14 +126,12 @@ class DynamicContentTransformer(nn.Module):
         order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :L]   # needed first, in order
         valid = torch.gather(need, 1, order)                                  # (N, L): False = padding
         x = torch.gather(sub, 1, order[..., None].expand(N, L, sub.shape[-1]))  # (N, L, D)
-        if self.refine_attention == "global":
-            mask = valid[:, None, None, :]                                    # every needed token is a key
+        if self.refine_attention == "global":   # every needed token is a key; padded queries see any (discarded)
+            mask = valid[:, None, None, :] | ~valid[:, None, :, None]
         else:
             region = torch.where(valid, order // 4, -1)                       # (N, L)
             mask = (region[:, :, None] == region[:, None, :]) & valid[:, None, :]
             mask = (mask | torch.eye(L, dtype=torch.bool, device=mask.device))[:, None]  # padding sees itself
-        if self.refine_attention == "global":
-            mask = mask | ~valid[:, None, :, None]                            # padded queries: any key (discarded)
         for block in self.refine_blocks:
             x = block(x, c, mask)
         delta = self.refine_final(x, c)                                       # (N, L, C_out)

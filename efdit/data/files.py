@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import EfditError
-from .base import LabelSummary, as_size, to_signed
+from .base import HierarchicalDataset, LabelSummary, as_size, to_signed
 from .hierarchy import Hierarchy
 
 
@@ -127,8 +127,6 @@ class FileDataset(LabelSummary, torch.utils.data.Dataset):
         """Decode every file into an in-memory HierarchicalDataset (for evaluation subsets: mind the size).
         With on_bad_image="skip" unreadable files are left out; otherwise the first one is an EfditError."""
         from tqdm.auto import tqdm
-
-        from .base import HierarchicalDataset
 
         def load(i):
             try:

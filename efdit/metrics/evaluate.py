@@ -12,6 +12,7 @@ extractor's weight hash; `metrics.json` records that key, and comparing files wi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -31,11 +32,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 def pixel_config(cfg: Config) -> Config:
     """The config whose data are images: a latent run (`data.latent_cache`) is judged against the pixel dataset it
     was encoded from (the same dataset / root / size options), with samples decoded by its VAE."""
-    if not cfg.data.latent_cache:
-        return cfg
-    d = cfg.to_dict()
-    d["data"]["latent_cache"] = ""
-    return Config.from_dict(d)
+    return apply_overrides(copy.deepcopy(cfg), {"data.latent_cache": ""}) if cfg.data.latent_cache else cfg
 
 
 def real_subset(cfg: Config, split: str, n_per_class: int, seed: int):
@@ -84,7 +81,7 @@ def get_classifier(cfg: Config, progress: bool):
     name = f"{cfg.data.dataset}-{ds.image_size[0]}x{ds.image_size[1]}x{ds.num_channels}"
     if not hasattr(ds, "images"):  # file-backed (iNat, VegFru): a class-balanced part of the train split, decoded
         per_class = min(CLASSIFIER_PER_CLASS, max(2, CLASSIFIER_IMAGES // ds.num_sub))
-        ds = in_memory(ds.subset_per_class(per_class, seed=0, allow_fewer=True), progress)
+        ds = ds.subset_per_class(per_class, seed=0, allow_fewer=True).to_memory(progress)
         name += f"-n{per_class}"
         print(f"evaluation classifier: up to {per_class} train images per subclass ({len(ds):,} in all)")
     print(f"training the {cfg.data.dataset} evaluation classifier once (cached in {CACHE / 'classifiers'})")
@@ -281,7 +278,8 @@ def main(argv: list[str]) -> int:
             from ..sample import class_labels, generate
             labels = class_labels(cfg, h, None, args.n_per_class)
             images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
-        record["metrics"].update(_inception(images, pixel_config(cfg), args.inception_weights, args.split, args.n_per_class, 0))
+        record["metrics"].update(_inception(images, pixel_config(cfg), args.inception_weights, args.split,
+                                            args.n_per_class, 0))
         out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{'metric':26s} {'model':>10s} {'floor':>10s}")
     for name, m, f in table_rows(record):
