@@ -12,7 +12,8 @@ comma := ,
 $(VENV)/.installed-%: pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing efdit[$(EXTRAS)] into $(VENV) (pinned by constraints.txt)"
-	@set -o pipefail; $(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]" >$(VENV)/pip.log 2>&1; rc=$$?; \
+	  grep -v "is ignored: it is neither" $(VENV)/pip.log || true; exit $$rc
 	@$(PY) -c "import torch, efdit; print('efdit', efdit.__version__, 'torch', torch.__version__)"
 	@touch $@
 
