@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test,data,fid,lora,web,latent
 
+comma := ,
+
 .PHONY: setup data data-all browser test demo clean
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-comma := ,
 
 $(VENV)/.installed-%: pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)

@@ -52,10 +52,16 @@ def test_official_roundtrip_is_strict_and_exact(tmp_path):
     assert loaded.y_embedder.num_classes == 10 and loaded.learn_sigma
 
 
-def test_train_py_wrapper_is_unwrapped(tmp_path):
-    ref, path = official_like(tmp_path)
-    torch.save({"model": ref.state_dict(), "ema": ref.state_dict(), "opt": {}, "args": None}, tmp_path / "w.pt")
-    load_official_dit(tmp_path / "w.pt", num_heads=2)
+def test_train_py_checkpoint_loads_with_its_ema_weights(tmp_path):
+    """facebookresearch/DiT train.py saves {"model", "ema", "opt", "args"} with args an argparse.Namespace."""
+    import argparse
+    ref, _ = official_like(tmp_path)
+    raw = {k: v + 1.0 for k, v in ref.state_dict().items()}  # the raw model differs from the EMA
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    args = argparse.Namespace(model="DiT-tiny", image_size=16, num_classes=10, global_batch_size=256)
+    torch.save({"model": raw, "ema": ref.state_dict(), "opt": opt.state_dict(), "args": args}, tmp_path / "w.pt")
+    loaded = load_official_dit(tmp_path / "w.pt", num_heads=2)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.state_dict().items())
 
 
 def test_wrong_shape_is_a_clear_error(tmp_path):
@@ -109,8 +115,29 @@ def test_pickles_with_code_are_refused(tmp_path):
     p = tmp_path / "evil.pt"
     with open(p, "wb") as f:
         pickle.dump({"x": Evil()}, f)
-    with pytest.raises(EfditError, match="weights-only"):
+    with pytest.raises(EfditError, match="weights-only") as e:
         load_official_dit(p)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
+
+
+def test_code_beside_a_namespace_is_still_refused(tmp_path, capsys):
+    """Allowing argparse.Namespace allows nothing else: a train.py-shaped file with code in it is refused, unrun."""
+    import argparse
+    ref, _ = official_like(tmp_path)
+    p = tmp_path / "evil-train.pt"
+    torch.save({"ema": ref.state_dict(), "args": argparse.Namespace(x=Evil())}, p)
+    with pytest.raises(EfditError, match="never runs code") as e:
+        load_official_dit(p)
+    assert "pwned" not in capsys.readouterr().out and "\x1b" not in str(e.value)
+
+
+def test_truncated_torch_file_is_one_clear_line(tmp_path):
+    _, path = official_like(tmp_path)
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(EfditError, match="truncated or not a torch file") as e:
+        load_official_dit(bad)
+    assert "\n" not in str(e.value)
 
 
 def test_safetensors_roundtrip_version_and_atomicity(tmp_path):

@@ -9,9 +9,11 @@ a format version. Writes are atomic (temp file + rename).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -35,16 +37,41 @@ def _missing_file_error(path: Path) -> EfditError:
     return EfditError(f"checkpoint not found: expected {path.name} at {path}{where}. efdit never downloads weights")
 
 
+# What a weights-only load may build besides tensors and containers: the `args` of facebookresearch/DiT's
+# train.py checkpoints ({"model", "ema", "opt", "args"}) is an argparse.Namespace. Nothing else is allowed, so
+# no code in a checkpoint ever runs.
+SAFE_GLOBALS = (argparse.Namespace,)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _refusal_reason(e: BaseException) -> str:
+    """One line saying why torch.load refused a file (no terminal escape codes, no advice to unpickle)."""
+    text = _ANSI.sub("", str(e))
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith(("Trying to load unsupported", "Unsupported global", "Unsupported operand")) or \
+                    "WeightsUnpickler error" in line:
+                return "it holds Python objects other than tensors (" + line.rstrip(".") + \
+                       "); efdit never runs code from a checkpoint"
+        return "it holds Python objects other than tensors; efdit never runs code from a checkpoint"
+    if "central directory" in text or "zip archive" in text:
+        return "it is truncated or not a torch file (" + text.splitlines()[0].split(".")[0] + ")"
+    first = text.splitlines()[0].strip() if text.strip() else ""
+    return f"{type(e).__name__}{': ' + first if first else ''} (not a torch checkpoint?)"
+
+
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A `.pt` state dict read safely (weights_only=True, to CPU); unwraps train.py's {"ema": …} / {"model": …}."""
+    """A `.pt` state dict read safely (weights_only=True, to CPU). Unwraps facebookresearch/DiT train.py
+    checkpoints ({"model", "ema", "opt", "args"}: the EMA weights are taken, as its sample.py does)."""
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code objects, a truncated file, not a torch file …
-        raise EfditError(f"cannot read {path} as a weights-only torch checkpoint: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a pickle with code objects, a truncated file, not a torch file …
+        raise EfditError(f"cannot read {path} as a weights-only torch checkpoint: {_refusal_reason(e)}") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
