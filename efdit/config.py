@@ -56,6 +56,11 @@ class DiffusionConfig:
     steps: int = 1000
     prediction: str = "eps"        # eps | v | x0
     loss: str = "hybrid"           # hybrid (MSE + VLB, learned Σ) | mse
+    timesteps: str = "uniform"     # training timestep sampling: uniform | lognormal (EDM's log σ ~ N(mean, std²))
+    lognormal_mean: float = -1.2
+    lognormal_std: float = 1.2
+    weighting: str = "none"        # weighting of the MSE term: none | min_snr (Min-SNR-γ)
+    min_snr_gamma: float = 5.0
 
 
 @dataclass

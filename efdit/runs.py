@@ -68,7 +68,8 @@ def apply_attention(model: DiT, cfg: Config) -> DiT:
 def build_diffusion(cfg: Config, respacing: str | None = None):
     d = cfg.diffusion
     return create_diffusion(respacing, noise_schedule=d.schedule, diffusion_steps=d.steps, prediction=d.prediction,
-                            learn_sigma=cfg.model.learn_sigma, loss=d.loss)
+                            learn_sigma=cfg.model.learn_sigma, loss=d.loss, weighting=d.weighting,
+                            min_snr_gamma=d.min_snr_gamma)
 
 
 def labels_for(cfg: Config, sub: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:

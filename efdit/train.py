@@ -21,6 +21,7 @@ from . import distributed
 from .config import Config
 from .data import build_dataset
 from .data.hierarchy import Hierarchy
+from .diffusion.timesteps import sample_timesteps
 from .errors import EfditError
 from .models.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from .models.dit import count_params
@@ -326,7 +327,8 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
                 if cfg.data.hflip and not latent:
                     flip = torch.rand(x.shape[0], generator=gen) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=gen)
+                t = sample_timesteps(x.shape[0], diffusion.alphas_cumprod, cfg.diffusion.timesteps,
+                                     cfg.diffusion.lognormal_mean, cfg.diffusion.lognormal_std, gen)
                 noise = torch.randn(x.shape, generator=gen)
                 x, t, noise, y = x.to(device), t.to(device), noise.to(device), labels_for(cfg, sub, sup).to(device)
                 with distributed.no_sync(ddp_model, skip=micro < tc.grad_accum - 1):  # all-reduce grads once

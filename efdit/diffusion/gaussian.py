@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .schedule import get_betas, respace_betas, space_timesteps
+from .timesteps import snr_weight
 
 
 def _extract(arr: torch.Tensor, idx: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ class ModelPrediction:
 class GaussianDiffusion:
     def __init__(self, betas: np.ndarray, prediction: str = "eps", learn_sigma: bool = True,
                  fixed_variance: str = "small", loss: str = "hybrid", timestep_map: list[int] | None = None,
-                 num_train_timesteps: int | None = None):
+                 num_train_timesteps: int | None = None, weighting: str = "none", min_snr_gamma: float = 5.0):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"prediction must be eps | v | x0, not {prediction!r}")
         if loss not in ("hybrid", "mse"):
@@ -71,6 +72,8 @@ class GaussianDiffusion:
         self.learn_sigma = learn_sigma
         self.fixed_variance = fixed_variance
         self.loss = loss
+        snr_weight(torch.ones(1), prediction, weighting, min_snr_gamma)  # refuses an unknown weighting / bad γ
+        self.weighting, self.min_snr_gamma = weighting, min_snr_gamma
         betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)),
@@ -178,7 +181,8 @@ class GaussianDiffusion:
         """Per-sample losses at chain indices t. Returns dict(loss, mse[, vb]) of shape (N,).
 
         `weight` (broadcastable to x0, e.g. (N, 1, H, W)): if given, mse = Σ W·(target − pred)² / C per sample
-        (the caller normalises W); otherwise the plain mean over elements.
+        (the caller normalises W); otherwise the plain mean over elements. `mse` is reported unweighted; the
+        loss is w_t·mse (+ vb) with w_t the diffusion's SNR weighting (timesteps.snr_weight; 1 for "none").
         """
         model_kwargs = model_kwargs or {}
         noise = torch.randn_like(x0) if noise is None else noise
@@ -194,6 +198,9 @@ class GaussianDiffusion:
         else:
             mse = (sq * weight).sum(dim=list(range(1, sq.ndim))) / x0.shape[1]
         terms = {"mse": mse}
+        if self.weighting != "none":
+            mse = mse * snr_weight(_extract(self.alphas_cumprod / (1 - self.alphas_cumprod), t, 1), self.prediction,
+                                   self.weighting, self.min_snr_gamma)
         if var_values is not None and self.loss == "hybrid":
             # L_vlb trains only Σ: the mean comes from a detached copy of the prediction
             frozen = torch.cat([out.detach(), var_values], dim=1)
@@ -214,7 +221,8 @@ class GaussianDiffusion:
 
 def create_diffusion(timestep_respacing: str | int | None = None, noise_schedule: str = "linear",
                      diffusion_steps: int = 1000, prediction: str = "eps", learn_sigma: bool = True,
-                     loss: str = "hybrid", fixed_variance: str = "small") -> GaussianDiffusion:
+                     loss: str = "hybrid", fixed_variance: str = "small", weighting: str = "none",
+                     min_snr_gamma: float = 5.0) -> GaussianDiffusion:
     """A diffusion with DiT's defaults; `timestep_respacing` "250" / "ddim50" / None (all steps)."""
     betas = get_betas(noise_schedule, diffusion_steps)
     if timestep_respacing in (None, "", diffusion_steps, str(diffusion_steps)):
@@ -225,4 +233,4 @@ def create_diffusion(timestep_respacing: str | int | None = None, noise_schedule
         betas = respace_betas(betas, use)
     return GaussianDiffusion(betas, prediction=prediction, learn_sigma=learn_sigma,
                              fixed_variance=fixed_variance, loss=loss, timestep_map=use,
-                             num_train_timesteps=diffusion_steps)
+                             num_train_timesteps=diffusion_steps, weighting=weighting, min_snr_gamma=min_snr_gamma)

@@ -1,0 +1,154 @@
+"""Training recipes for the Fashion-MNIST base side by side at equal CPU time: FD against CPU time for each.
+
+    .venv/bin/python benchmarks/recipes.py                       # every recipe, 12 CPU-minutes each, 3 FD points
+    .venv/bin/python benchmarks/recipes.py --recipes current,min-snr --cpu-minutes 6 --points 2
+
+Each recipe is the `fmnist-base` preset (a superclass-conditioned DiT, 7.4 M parameters) with a few overrides. It
+is trained in chunks by rerunning efdit's training (resume is exact, so a chunked run equals a continuous one);
+after each chunk the EMA model is sampled and scored. The budget is the training process's CPU time (user + sys,
+`time.process_time`), not wall-clock time, so that other work on the machine does not tilt the comparison; the
+run uses one thread. A second table measures training throughput with 1 and 2 threads (interleaved), which turns
+the CPU-time curves into wall-clock ones.
+
+Score: FD-EffNetLite0 of `--per-subclass` samples per test subclass (each sampled as its superclass, so the class
+proportions match the reference) against the same number of real test images per subclass, DPM-Solver++(2M) 10
+steps, CFG 2, seed 0 (the same labels and noise for every recipe and point). Features are saved beside the results
+(`features/*.npy`), so intervals can be recomputed from them. Rerunning the command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RECIPES: dict[str, dict] = {
+    "current": {},                                                        # the shipped base's recipe
+    "min-snr": {"diffusion.weighting": "min_snr", "diffusion.min_snr_gamma": 5.0},
+    "lognormal": {"diffusion.timesteps": "lognormal"},
+    "v-pred": {"diffusion.prediction": "v"},
+    "batch-128": {"train.batch_size": 128, "train.lr": 1e-3},
+    "lr-1e-3": {"train.lr": 1e-3},
+}
+COMMON = {"train.minutes": 0.0, "train.sample_every": 0, "train.log_every": 2048, "train.ckpt_every": 10 ** 9,
+          "sample.per_class": 1, "train.threads": 1}
+
+
+def _reference(per_subclass: int, extractor):
+    from efdit.data import build_dataset
+    test = build_dataset("fmnist", split="test").subset_per_class(per_subclass, seed=0)
+    feats = extractor.extract(test.images, resolution=64, progress=False)
+    return feats, test.sub_labels, test.hierarchy
+
+
+def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[float, np.ndarray]:
+    from efdit.config import apply_overrides
+    from efdit.metrics.fd import frechet_distance_from_features
+    from efdit.runs import load_model
+    from efdit.sample import generate
+    model, cfg, _, _ = load_model(run / "model.safetensors")
+    apply_overrides(cfg, {"sample.sampler": "dpmpp2m", "sample.steps": "10", "sample.cfg_scale": 2.0,
+                          "sample.eta": 0.0, "sample.seed": 0})
+    labels = hierarchy.parent[sub_labels]                # each reference image's superclass
+    images = generate(model, cfg, labels, progress=False)
+    feats = extractor.extract(images, resolution=64, progress=False)
+    return frechet_distance_from_features(feats, ref_feats), feats
+
+
+def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor) -> list[dict]:
+    from efdit.config import build_config
+    from efdit.train import train
+    run = out / name
+    results_path = out / f"{name}.json"
+    rows = json.loads(results_path.read_text()) if results_path.is_file() else []
+    cfg = build_config("fmnist-base", {**COMMON, **RECIPES[name], "run_dir": str(run)})
+    images = rows[-1]["images"] if rows else 0
+    cpu = rows[-1]["cpu_s"] if rows else 0.0
+    rate = None
+    for k in range(len(rows) + 1, points + 1):
+        target_cpu = cpu_minutes * 60 * k / points
+        # first chunk: a guess; later ones from the measured CPU rate
+        step_images = 4096 if rate is None else max(cfg.train.batch_size, int(rate * (target_cpu - cpu)))
+        while True:
+            goal = images + step_images
+            cfg.train.total_images = goal
+            t0, w0 = time.process_time(), time.time()
+            train(cfg, progress=False)
+            used = time.process_time() - t0
+            cpu += used
+            rate = (goal - images) / used
+            images = goal
+            if cpu >= target_cpu * 0.97:
+                break
+            step_images = max(cfg.train.batch_size, int(rate * (target_cpu - cpu)))
+        fd, feats = _score(run, *ref, extractor)
+        (out / "features").mkdir(parents=True, exist_ok=True)
+        np.save(out / "features" / f"{name}-{k}.npy", feats)
+        rows.append({"recipe": name, "point": k, "cpu_s": round(cpu, 1), "images": images, "fd": fd,
+                     "img_per_cpu_s": round(rate, 2), "load": os.getloadavg()[0], "time": time.strftime("%H:%M")})
+        results_path.write_text(json.dumps(rows, indent=1))
+        print(f"{name:10s} point {k}/{points}: {cpu / 60:5.1f} CPU-min, {images:7,} images, FD {fd:8.1f} "
+              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    return rows
+
+
+def thread_throughput(out: Path, images: int = 2048, rounds: int = 2) -> dict:
+    """img per wall-second of the current recipe with 1 and 2 threads, interleaved (fresh runs each time)."""
+    import shutil
+    from efdit.config import build_config
+    from efdit.train import train
+    got: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(rounds):
+        for threads in (1, 2):
+            run = out / f"threads-{threads}"
+            shutil.rmtree(run, ignore_errors=True)
+            cfg = build_config("fmnist-base", {**COMMON, "train.threads": threads, "run_dir": str(run),
+                                               "train.total_images": images, "train.warmup_images": 0})
+            t0 = time.time()
+            train(cfg, progress=False)
+            got[threads].append(images / (time.time() - t0))
+            shutil.rmtree(run, ignore_errors=True)
+    torch.set_num_threads(1)
+    return {t: max(v) for t, v in got.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--cpu-minutes", type=float, default=12.0)
+    p.add_argument("--points", type=int, default=3)
+    p.add_argument("--per-subclass", type=int, default=40)
+    p.add_argument("--out", default="runs/recipes")
+    p.add_argument("--no-threads", action="store_true", help="skip the 1 / 2-thread throughput table")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from efdit.metrics.features import FeatureExtractor
+    extractor = FeatureExtractor()
+    ref = _reference(args.per_subclass, extractor)
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
+    table = {n: run_recipe(n, out, args.cpu_minutes, args.points, ref, extractor) for n in names}
+    print(f"\n| recipe | overrides | " + " | ".join(f"FD @ {args.cpu_minutes * (k + 1) / args.points:g} CPU-min"
+                                                 for k in range(args.points)) + " | images | img/CPU-s |")
+    print("|---|---|" + "---:|" * (args.points + 2))
+    for n, rows in table.items():
+        ov = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in RECIPES[n].items()) or "—"
+        print(f"| {n} | {ov} | " + " | ".join(f"{r['fd']:.0f}" for r in rows) +
+              f" | {rows[-1]['images']:,} | {rows[-1]['img_per_cpu_s']:.1f} |")
+    if not args.no_threads:
+        tp = thread_throughput(out)
+        (out / "threads.json").write_text(json.dumps(tp))
+        print(f"\ntraining throughput (img per wall-second, best of 2 interleaved): 1 thread {tp[1]:.1f}, "
+              f"2 threads {tp[2]:.1f} ({tp[2] / tp[1]:.2f}x; load {os.getloadavg()[0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
