@@ -10,7 +10,9 @@ from efdit.diffusion.hooks.cache import DeltaDiTCache, FORACache, TaylorSeerCach
 from efdit.diffusion.hooks.hrig import HRIG
 from efdit.diffusion.samplers import dpmpp2m_update
 from efdit.errors import EfditError
+from efdit.models.dit import modulate
 from efdit.models.embedders import TieredEmbedder
+from efdit.models.peft import add_difffit_scales
 from tiny import randomize, tiny_model
 
 CFG = Guidance("cfg", 2.0)
@@ -25,6 +27,17 @@ def run(m, y, steps="10", method="ddim", hooks=(), guidance=CFG, seed=5, **kw):
 def caches(interval):
     return [FORACache(interval), DeltaDiTCache(interval, blocks=1, boundary=500),
             TaylorSeerCache(interval, order=2)]
+
+
+def difffit_model(depth=3):
+    """A tiny DiT with DiffFit's γ on every branch, each a different value far from 1."""
+    m = tiny_model(depth=depth)
+    add_difffit_scales(m)
+    with torch.no_grad():
+        for k, b in enumerate(m.blocks):
+            b.gamma_attn.fill_(0.5 + 0.4 * k)
+            b.gamma_mlp.fill_(1.7 - 0.3 * k)
+    return m.eval()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,9 +123,11 @@ def test_dpmpp2m_rejects_eta():
 # ---------------------------------------------------------------------------------------------------
 # Block caches
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("difffit", [False, True])
 @pytest.mark.parametrize("method", ["ddim", "dpmpp2m"])
-def test_interval_one_and_accel_none_are_bit_identical(method):
-    m, y = tiny_model(depth=3), torch.arange(4)
+def test_interval_one_and_accel_none_are_bit_identical(method, difffit):
+    """Nothing reused: the cache path (un-gated output, then γ·gate) is the plain block, bit for bit, also with γ."""
+    m, y = (difffit_model() if difffit else tiny_model(depth=3)), torch.arange(4)
     plain = run(m, y, "8", method)
     assert build_accel("none") is None
     for cache in caches(1):
@@ -177,25 +192,28 @@ def test_reset_is_what_protects_taylorseer(monkeypatch):
     assert not torch.equal(run(m, y, "9", hooks=[cache]), first)
 
 
-def _count_block_forwards(m):
-    counts = [0] * len(m.blocks)
-    for i, b in enumerate(m.blocks):
-        b.register_forward_pre_hook(lambda mod, args, i=i: counts.__setitem__(i, counts[i] + 1))
+def _count_forwards(modules):
+    counts = [0] * len(modules)
+    for i, mod in enumerate(modules):
+        mod.register_forward_pre_hook(lambda _m, _a, i=i: counts.__setitem__(i, counts[i] + 1))
     return counts
 
 
 def test_delta_dit_skips_the_cached_blocks():
     """4 blocks, 10 steps (t = 999, 888, …, 0), interval 2, 2 cached blocks, boundary 500:
-    full steps 0, 2, 4, 6, 8; cached steps 1, 3 (t ≥ 500: rear blocks 2, 3) and 5, 7, 9 (t < 500: front 0, 1)."""
+    full steps 0, 2, 4, 6, 8; cached steps 1, 3 (t ≥ 500: rear blocks 2, 3) and 5, 7, 9 (t < 500: front 0, 1).
+    A skipped block still runs its adaLN modulation (the current gates), not its attention or MLP."""
     m = tiny_model(depth=4)
-    counts = _count_block_forwards(m)
+    blocks = _count_forwards(m.blocks)
+    attn = _count_forwards([b.attn for b in m.blocks])
+    mlp = _count_forwards([b.mlp for b in m.blocks])
     cache = DeltaDiTCache(interval=2, blocks=2, boundary=500)
     run(m, torch.arange(4), "10", hooks=[cache])
-    assert counts == [7, 7, 8, 8]
-    assert cache.skipped == 3 * 2 + 2 * 2 and cache.computed == sum(counts)
-    counts[:] = [0] * 4
+    assert attn == mlp == [7, 7, 8, 8] and blocks == [10] * 4
+    assert cache.skipped == 2 * (3 * 2 + 2 * 2) and cache.computed == sum(attn) + sum(mlp)
+    attn[:], mlp[:] = [0] * 4, [0] * 4
     run(m, torch.arange(4), "10")
-    assert counts == [10] * 4
+    assert attn == mlp == [10] * 4
 
 
 def test_delta_dit_reuses_the_range_residual():
@@ -222,6 +240,96 @@ def test_delta_dit_reuses_the_range_residual():
                                    m.forward_blocks(x_new + delta_front, c, 2, 4), rtol=0, atol=1e-6)
 
 
+def _blocks_by_hand(m, x, c, reuse=None, reuse_c=None):
+    """The DiT blocks written out: x + γ·gate·F per branch, F computed with the gates of c, or taken from
+    `reuse[(i, branch)]` with the gates of `reuse_c` (default c; another step's c gives the stale-gate result).
+    Returns the output and the F of every branch (computed or reused)."""
+    reuse, outs = reuse or {}, {}
+    for i, b in enumerate(m.blocks):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = b.adaLN_modulation(c).chunk(6, dim=1)
+        stale_msa, stale_mlp = b.adaLN_modulation(c if reuse_c is None else reuse_c).chunk(6, dim=1)[2::3]
+        a = reuse.get((i, "attn"))
+        if a is None:
+            a = b.attn(modulate(b.norm1(x), shift_msa, scale_msa), grid=m.grid_size)
+            x = x + gate_msa.unsqueeze(1) * a * b.gamma_attn
+        else:
+            x = x + stale_msa.unsqueeze(1) * a * b.gamma_attn
+        f = reuse.get((i, "mlp"))
+        if f is None:
+            f = b.mlp(modulate(b.norm2(x), shift_mlp, scale_mlp))
+            x = x + gate_mlp.unsqueeze(1) * f * b.gamma_mlp
+        else:
+            x = x + stale_mlp.unsqueeze(1) * f * b.gamma_mlp
+        outs[(i, "attn")], outs[(i, "mlp")] = a, f
+    return x, outs
+
+
+def _steps(n, seed=0):
+    """n (tokens, conditioning) pairs (N = 2, T = 16, D = 32) with conditionings far apart, so gates differ."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 16, 32, generator=g), 3 * torch.randn(2, 32, generator=g)) for _ in range(n)]
+
+
+def _run_steps(m, cache, steps, ts):
+    outs = []
+    if hasattr(cache, "bind"):
+        cache.bind(m)
+    cache.reset()
+    for step, ((x, c), t) in enumerate(zip(steps, ts)):
+        cache.on_step_begin(step, torch.tensor([t]))
+        outs.append(m.forward_blocks(x, c, block_cache=cache))
+    return outs
+
+
+@torch.no_grad()
+def test_fora_cached_step_uses_the_current_gate():
+    """A cached step adds γ·gate_now·F with F the un-gated output of the last full step, exactly; the stale
+    gate of the full step would give another result."""
+    m = difffit_model()
+    steps = _steps(3)
+    outs = _run_steps(m, FORACache(interval=3), steps, (900, 800, 700))
+    full, F0 = _blocks_by_hand(m, *steps[0])
+    assert torch.equal(outs[0], full)
+    for k in (1, 2):
+        expect, _ = _blocks_by_hand(m, *steps[k], reuse=F0)
+        assert torch.equal(outs[k], expect)
+        stale, _ = _blocks_by_hand(m, *steps[k], reuse=F0, reuse_c=steps[0][1])  # the gates of step 0
+        assert (outs[k] - stale).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_taylorseer_forecasts_the_ungated_branch():
+    """Order 1, interval 2: step 3 forecasts F₂ + (F₂ − F₀)/2 · 1 from the un-gated outputs of steps 0 and 2 and
+    applies the gates of step 3."""
+    m = difffit_model()
+    steps = _steps(4)
+    outs = _run_steps(m, TaylorSeerCache(interval=2, order=1), steps, (900, 800, 700, 600))
+    _, F0 = _blocks_by_hand(m, *steps[0])
+    full2, F2 = _blocks_by_hand(m, *steps[2])
+    assert torch.equal(outs[2], full2)
+    assert torch.equal(outs[1], _blocks_by_hand(m, *steps[1], reuse=F0)[0])
+    forecast = {key: F2[key] + (F2[key] - F0[key]) / 2 * 1.0 for key in F2}
+    assert torch.equal(outs[3], _blocks_by_hand(m, *steps[3], reuse=forecast)[0])
+    stale, _ = _blocks_by_hand(m, *steps[3], reuse=forecast, reuse_c=steps[2][1])
+    assert (outs[3] - stale).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_delta_dit_rebuilds_the_range_residual_with_the_current_gates():
+    """3 blocks, 1 cached: step 1 (t ≥ 500) reuses the rear block's F, step 2 (t < 500) the front block's, each
+    with the current step's gates; the other blocks are computed from the current input."""
+    m = difffit_model()
+    steps = _steps(3)
+    outs = _run_steps(m, DeltaDiTCache(interval=3, blocks=1, boundary=500), steps, (900, 800, 100))
+    full, F0 = _blocks_by_hand(m, *steps[0])
+    assert torch.equal(outs[0], full)
+    for k, i in ((1, 2), (2, 0)):
+        reuse = {key: F0[key] for key in ((i, "attn"), (i, "mlp"))}
+        assert torch.equal(outs[k], _blocks_by_hand(m, *steps[k], reuse=reuse)[0])
+        stale = _blocks_by_hand(m, *steps[k], reuse=reuse, reuse_c=steps[0][1])[0]
+        assert (outs[k] - stale).abs().max() > 1e-2
+
+
 def test_fora_skips_attention_and_mlp():
     m = tiny_model(depth=2)
     calls = {"attn": 0, "mlp": 0}
@@ -234,9 +342,9 @@ def test_fora_skips_attention_and_mlp():
 
 def test_cache_under_cfg_holds_the_doubled_batch():
     m, y = tiny_model(), torch.arange(3)
-    cache = FORACache(2)
-    run(m, y, "4", hooks=[cache])
-    assert all(shape[0] == 2 * 3 for shape, _ in cache.store.values())
+    for cache in caches(2):
+        run(m, y, "4", hooks=[cache])
+        assert cache.store and all(entry[0][0] == 2 * 3 for entry in cache.store.values())
 
 
 def test_build_accel_and_config_wiring():

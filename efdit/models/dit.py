@@ -5,8 +5,9 @@ Names follow the paper and the official checkpoints (`x_embedder`, `t_embedder`,
 Departures from the reference code, all backwards compatible with its checkpoints:
   * any H x W grid divisible by the patch size (square or not), any in_channels;
   * attention through a swappable backend (SDPA by default), see attention.py;
-  * an optional `block_cache` so sampling caches (FORA, Δ-DiT, TaylorSeer) can reuse or forecast block
-    outputs without editing this file, and `forward_blocks` to run a range of blocks;
+  * an optional `block_cache` so sampling caches (FORA, Δ-DiT, TaylorSeer) can reuse or forecast the
+    un-gated attention / MLP outputs (the block applies the current step's gate), and `forward_blocks` to
+    run a range of blocks;
   * optional gradient checkpointing and a learnable position embedding.
 """
 from __future__ import annotations
@@ -62,25 +63,32 @@ class DiTBlock(nn.Module):
         self.gamma_attn: nn.Parameter | None = None
         self.gamma_mlp: nn.Parameter | None = None
 
-    def attn_branch(self, x, mod, grid=None):
-        shift_msa, scale_msa, gate_msa = mod[0], mod[1], mod[2]
-        out = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid=grid)
-        return out if self.gamma_attn is None else out * self.gamma_attn
+    def attn_out(self, x, shift, scale, grid=None):
+        # the un-gated attention branch Attn(modulate(LN(x), shift_msa, scale_msa)): (N, T, D)
+        return self.attn(modulate(self.norm1(x), shift, scale), grid=grid)
 
-    def mlp_branch(self, x, mod):
-        shift_mlp, scale_mlp, gate_mlp = mod[3], mod[4], mod[5]
-        out = gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return out if self.gamma_mlp is None else out * self.gamma_mlp
+    def mlp_out(self, x, shift, scale):
+        # the un-gated MLP branch MLP(modulate(LN(x), shift_mlp, scale_mlp)): (N, T, D)
+        return self.mlp(modulate(self.norm2(x), shift, scale))
+
+    @staticmethod
+    def gated(out, gate, gamma):
+        # out: (N, T, D) branch output; gate: (N, D) adaLN-Zero gate; gamma: DiffFit's scale (1,) or None
+        out = gate.unsqueeze(1) * out
+        return out if gamma is None else out * gamma
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid=None, block_cache=None, index: int = 0):
         # x: (N, T, D), c: (N, D)
-        mod = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         if block_cache is None:
-            x = x + self.attn_branch(x, mod, grid)
-            return x + self.mlp_branch(x, mod)
-        # per-branch cache entry points: the cache returns fn(x, c) or a reused / forecast value
-        x = x + block_cache(index, "attn", lambda x_, c_: self.attn_branch(x_, mod, grid), x, c)
-        return x + block_cache(index, "mlp", lambda x_, c_: self.mlp_branch(x_, mod), x, c)
+            x = x + self.gated(self.attn_out(x, shift_msa, scale_msa, grid), gate_msa, self.gamma_attn)
+            return x + self.gated(self.mlp_out(x, shift_mlp, scale_mlp), gate_mlp, self.gamma_mlp)
+        # per-branch cache entry points: the cache returns the un-gated branch output, computed by fn or reused /
+        # forecast; the gate and γ of *this* step are applied here, so a cached branch follows the current c
+        attn = block_cache(index, "attn", lambda x_, c_: self.attn_out(x_, shift_msa, scale_msa, grid), x, c)
+        x = x + self.gated(attn, gate_msa, self.gamma_attn)
+        mlp = block_cache(index, "mlp", lambda x_, c_: self.mlp_out(x_, shift_mlp, scale_mlp), x, c)
+        return x + self.gated(mlp, gate_mlp, self.gamma_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -188,9 +196,9 @@ class DiT(nn.Module):
                        block_cache=None) -> torch.Tensor:
         """Run blocks[start:stop] on tokens x (N, T, D) with conditioning c (N, D).
 
-        With `block_cache`, each block calls `block_cache(i, branch, fn, x, c)`: branch "block" (granularity
-        "block": the whole block, fn returns its output) or "attn" / "mlp" (granularity "branch": fn returns
-        the gated residual that is added to x).
+        With `block_cache`, each block calls `block_cache(i, branch, fn, x, c)`: branch "attn" / "mlp"
+        (granularity "branch": fn returns the un-gated branch output F (N, T, D); the block adds γ·gate·F with the
+        current step's adaLN gate), or "block" (granularity "block": the whole block, fn returns its output).
         """
         stop = len(self.blocks) if stop is None else stop
         for i in range(start, stop):

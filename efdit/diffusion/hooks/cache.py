@@ -1,20 +1,27 @@
-"""Training-free sampling acceleration: block caches that reuse or forecast DiT block outputs across steps.
+"""Training-free sampling acceleration: block caches that reuse or forecast DiT branch outputs across steps.
 
 Each cache is a sampler hook (reset / on_step_begin) *and* the `block_cache(i, branch, fn, x, c)` callable that
-`DiT.forward_blocks` calls for every block (see models/dit.py); the model file is untouched. The sampler passes
-the one cache among its hooks to the model, calls `bind(model)` (if the cache has it) and `reset()` at the start
-of every sampling run, so nothing survives from one run (or one batch of `generate`) to the next. The cached tensors are whatever the model sees:
-under guidance that is the concatenated (k·N, T, D) batch of all branches, so each branch keeps its own cache.
+every DiTBlock calls for its attention and MLP branch (see models/dit.py), so a new cache needs no model change. The
+sampler passes the one cache among its hooks to the model, calls `bind(model)` (if the cache has it) and `reset()`
+at the start of every sampling run, so nothing survives from one run (or one batch of `generate`) to the next.
 
-A step is *full* (every block computed, caches refreshed) when `step < warmup` or `step % interval == 0`,
+What a cache holds is the *un-gated* branch output F (N, T, D): Attn(modulate(LN(x), shift_msa, scale_msa)) or
+MLP(modulate(LN(x), shift_mlp, scale_mlp)). The block adds γ ⊙ gate ⊙ F with the adaLN-Zero gate of the *current*
+step (and DiffFit's γ when present), so a reused or forecast branch still follows the step's timestep embedding;
+only the shift / scale inside the branch are those of the step that computed F. Under guidance the cached
+tensors are the concatenated (k·N, T, D) batch of all branches, so each branch keeps its own cache.
+
+A step is *full* (every branch computed, caches refreshed) when `step < warmup` or `step % interval == 0`,
 counting sampling steps from 0 (the noisiest). On the other steps:
 
-  FORA        (Selvaraju et al. 2024)  per block, the attention and MLP branch outputs of the last full step are
-              reused as they are ("branch" granularity: x + cached_attn, then + cached_mlp).
-  Δ-DiT       (Chen et al. 2024)  Δ-Cache: the residual Δ = out − in of a range of `blocks` consecutive blocks,
-              stored at full steps, stands in for the whole range (out ≈ in_now + Δ), so the current input still
-              flows through. Stage-adaptive: while the timestep t ≥ `boundary` (early, outline stage) the *rear*
-              blocks are cached, for t < boundary (late, detail stage) the *front* blocks.
+  FORA        (Selvaraju et al. 2024)  per block, the attention and MLP outputs F of the last full step are
+              reused: x + γ·gate_now·F_attn, then + γ·gate_now·F_mlp.
+  Δ-DiT       (Chen et al. 2024)  Δ-Cache: a range of `blocks` consecutive blocks is skipped and its residual
+              Δ = out − in stands in for it (out ≈ in_now + Δ), so the current input still flows through. In a
+              DiT, Δ = Σ over the range's branches of γ·gate·F, so Δ is rebuilt from the F of the last full step
+              with the current step's gates (with the full step's gates it is the stored out − in exactly).
+              Stage-adaptive: while the timestep t ≥ `boundary` (early, outline stage) the *rear* blocks are
+              cached, for t < boundary (late, detail stage) the *front* blocks.
   TaylorSeer  (Liu et al. 2025)  per block branch, finite differences over the full steps estimate derivatives
               Δ^j F up to `order` m; a skipped step k steps after the last full one uses the Taylor series
               F ≈ Σ_j Δ^j F · k^j / j!. Order 0 is FORA's reuse exactly.
@@ -33,9 +40,9 @@ from . import SamplerHook
 
 class StepCache(SamplerHook):
     """Common step bookkeeping: which sampling step is running, whether it is a full step, counts of the
-    branch / block evaluations computed and skipped during the last run (`computed`, `skipped`)."""
+    branch evaluations computed and skipped during the last run (`computed`, `skipped`)."""
 
-    granularity = "branch"  # "branch": called per attention / MLP branch; "block": per whole block
+    granularity = "branch"  # called per attention / MLP branch with the un-gated output (models/dit.py)
 
     def __init__(self, interval: int = 3, warmup: int = 0):
         if int(interval) < 1:
@@ -76,7 +83,7 @@ class StepCache(SamplerHook):
 
 
 class FORACache(StepCache):
-    """FORA-style static caching: reuse each block's attention and MLP outputs for interval − 1 steps."""
+    """FORA-style static caching: reuse each block's un-gated attention and MLP outputs for interval − 1 steps."""
 
     def __call__(self, i: int, branch: str, fn, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         key = (i, branch)
@@ -134,9 +141,9 @@ class DeltaDiTCache(StepCache):
     blocks: how many consecutive blocks form the cached range (None: half the model, rounded down);
     boundary: an original timestep (0..num_train_timesteps), so the stage switch does not depend on the number
     of sampling steps; boundary=0 caches the rear blocks throughout, boundary above every t the front blocks.
+    Full steps store the branch outputs F of both ranges; a cached step returns them for the blocks of its
+    stage's range (the blocks add them with the current gates: in_now + Δ) and computes every other block.
     """
-
-    granularity = "block"
 
     def __init__(self, interval: int = 2, blocks: int | None = None, boundary: int = 500, warmup: int = 0):
         if blocks is not None and int(blocks) < 1:
@@ -148,10 +155,6 @@ class DeltaDiTCache(StepCache):
 
     def describe(self) -> dict:
         return {"interval": self.interval, "blocks": self.blocks, "boundary": self.boundary, "warmup": self.warmup}
-
-    def reset(self) -> None:
-        super().reset()
-        self._inputs: dict = {}
 
     def ranges(self, depth: int) -> dict[str, tuple[int, int]]:
         n = max(1, depth // 2) if self.blocks is None else min(self.blocks, depth)
@@ -169,27 +172,18 @@ class DeltaDiTCache(StepCache):
         if self.depth is None:
             raise RuntimeError("DeltaDiTCache needs the model depth: call .bind(model) first (sample() does)")
         ranges = self.ranges(self.depth)
-        if self.full:
-            # compute the block, and record Δ = out − in of both ranges for the coming cached steps
-            for name, (a, _) in ranges.items():
-                if i == a:
-                    self._inputs[name] = x
-            out = fn(x, c)
-            self.computed += 1
-            for name, (a, b) in ranges.items():
-                if i == b - 1:
-                    self.store[name] = (x.shape, out - self._inputs.pop(name))
-            return out
-        name = self.stage()
-        a, b = ranges[name]
-        entry = self.store.get(name)
-        if not a <= i < b or entry is None or entry[0] != x.shape:
-            out = fn(x, c)
-            self.computed += 1
-            return out
-        self.skipped += 1
-        # the whole range collapses to out = in + Δ: add Δ at its first block, pass x through the others
-        return x + entry[1] if i == a else x
+        key = (i, branch)
+        if not self.full:
+            a, b = ranges[self.stage()]
+            entry = self.store.get(key)
+            if a <= i < b and entry is not None and entry[0] == x.shape:
+                self.skipped += 1
+                return entry[1]
+        out = fn(x, c)
+        self.computed += 1
+        if self.full and any(a <= i < b for a, b in ranges.values()):
+            self.store[key] = (x.shape, out)
+        return out
 
 
 ACCEL = {"fora": FORACache, "delta": DeltaDiTCache, "taylorseer": TaylorSeerCache}
