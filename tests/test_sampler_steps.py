@@ -1,4 +1,5 @@
-"""The single-step API (guided_forward, ddpm/ddim/dpmpp2m steps) and sample() on any callable model."""
+"""The single-step API (guided_forward, ddpm/ddim/dpmpp2m steps), guidance in a limited interval, and
+sample() on any callable model."""
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from efdit.diffusion import (
     sample,
     sampler_step,
 )
-from efdit.diffusion.hooks.cache import DeltaDiTCache
+from efdit.diffusion.hooks.cache import DeltaDiTCache, FORACache, TaylorSeerCache
 from efdit.models.embedders import TieredEmbedder
 
 PARENT = torch.tensor([0, 0, 1, 1])
@@ -40,7 +41,7 @@ def by_steps(m, y, d, **kw):
 def test_hand_written_loop_reproduces_sample_step_by_step(method, eta):
     m, y = tiered(), torch.arange(4)
     d = create_diffusion("8")
-    g = Guidance("two_term", 3.0, 1.5)
+    g = Guidance("two_term", 3.0, 1.5, interval=(100, 500))  # guided steps and conditional-only ones
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ref, ref_steps = by_steps(m, y, d, method=method, eta=eta, guidance=g, clip_x0=True, x_T=x_T,
                               generator=torch.Generator().manual_seed(7))
@@ -79,7 +80,7 @@ def test_the_documented_loop_with_sampler_step():
         with torch.inference_mode():
             for i in reversed(range(diffusion.num_timesteps)):
                 t = diffusion.timestep_map[i].repeat(N)
-                out = guided_forward(model, x, t, labels, guidance)
+                out = guided_forward(model, x, t, labels, guidance.at(int(t[0])))
                 pred = diffusion.p_mean_variance(out.float(), x, torch.full((N,), i))
                 x, history = sampler_step(method, diffusion, x, i, pred.x0, pred.eps,
                                           log_variance=pred.log_variance, history=history, eta=eta,
@@ -126,6 +127,84 @@ def test_step_api_rejects_bad_input_in_one_sentence():
 
 
 # ---------------------------------------------------------------------------------------------------
+# guidance in a limited interval
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["none", "cfg", "super", "two_term"])
+def test_interval_inside_is_plain_guidance_and_outside_the_conditional_output(mode):
+    m = tiered()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    plain = Guidance(mode, 3.0, 1.5)
+    limited = Guidance(mode, 3.0, 1.5, interval=(300, 600))
+    for t0 in (300, 450, 600):  # inside, both ends included
+        t = torch.full((4,), t0)
+        assert torch.equal(guided_forward(m, x, t, y, limited), guided_forward(m, x, t, y, plain))
+    for t0 in (0, 299, 601, 999):
+        t = torch.full((4,), t0)
+        assert torch.equal(guided_forward(m, x, t, y, limited), m(x, t, y))
+    # whole chains: an interval holding every timestep is plain guidance, one holding none is mode "none"
+    d = create_diffusion("10")  # t = 999, 888, …, 111, 0
+    run = lambda g: sample(m, y, d, method="ddim", guidance=g, progress=False,  # noqa: E731
+                           generator=torch.Generator().manual_seed(3))
+    assert torch.equal(run(Guidance(mode, 3.0, 1.5, interval=(0, 999))), run(plain))
+    assert torch.equal(run(Guidance(mode, 3.0, 1.5, interval=(1, 110))), run(Guidance()))
+
+
+@pytest.mark.parametrize("mode,k", [("cfg", 2), ("super", 2), ("two_term", 3)])
+def test_interval_runs_n_rows_outside_and_k_n_inside(mode, k):
+    m, y = tiered(), torch.arange(4)
+    rows = []
+    m.register_forward_pre_hook(lambda mod, args: rows.append((int(args[1][0]), args[0].shape[0])))
+    sample(m, y, create_diffusion("10"), method="ddim", guidance=Guidance(mode, 2.0, interval=(300, 600)),
+           progress=False)
+    expect = [(t, k * 4 if 300 <= t <= 600 else 4) for t in (999, 888, 777, 666, 555, 444, 333, 222, 111, 0)]
+    assert rows == expect
+    rows.clear()  # guided_forward alone: a batch outside the interval is one N-row forward
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 700)
+    guided_forward(m, x, t, y, Guidance(mode, 2.0, interval=(300, 600)))
+    guided_forward(m, x, t - 300, y, Guidance(mode, 2.0, interval=(300, 600)))
+    assert rows == [(700, 4), (400, k * 4)]
+
+
+def test_interval_with_rows_on_both_sides():
+    """A batch whose rows have different t: guided rows inside, the conditional branch outside."""
+    m = tiny_model()
+    x, y, t = torch.randn(3, 1, 8, 8), torch.arange(3), torch.tensor([100, 500, 900])
+    g = Guidance("cfg", 4.0, interval=(400, 600))
+    out = guided_forward(m, x, t, y, g)
+    full = guided_forward(m, x, t, y, Guidance("cfg", 4.0))
+    cond = m(x, t, y)
+    torch.testing.assert_close(out[1], full[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[[0, 2]], cond[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+def test_interval_keeps_hooks_and_caches_working():
+    m, y = tiny_model(depth=3), torch.arange(4)
+    g = Guidance("cfg", 2.0, interval=(300, 700))
+    for method in ("ddim", "dpmpp2m"):
+        plain = sample(m, y, create_diffusion("8"), method=method, guidance=g, progress=False,
+                       generator=torch.Generator().manual_seed(0))
+        for cache in (FORACache(1), DeltaDiTCache(1, blocks=1), TaylorSeerCache(1, order=2)):
+            out = sample(m, y, create_diffusion("8"), method=method, guidance=g, hooks=[cache], progress=False,
+                         generator=torch.Generator().manual_seed(0))
+            assert torch.equal(out, plain), cache
+        cache = FORACache(2)  # skipping across the switch between 2N- and N-row batches stays finite
+        out = sample(m, y, create_diffusion("8"), method=method, guidance=g, hooks=[cache], progress=False)
+        assert torch.isfinite(out).all() and cache.skipped > 0
+
+
+def test_guidance_validation_is_one_sentence():
+    for kw, msg in (({"interval": (5, 2)}, "0 <= t_lo <= t_hi"), ({"interval": (-1, 3)}, "0 <= t_lo"),
+                    ({"interval": (1.5, 3)}, "integer"), ({"interval": (1, 2, 3)}, "two integer"),
+                    ({"scale": float("nan")}, "scale must be a finite number"),
+                    ({"scale_super": "2"}, "scale_super must be a finite number")):
+        with pytest.raises(ValueError, match=msg):
+            Guidance("cfg", **{"scale": 2.0, **kw})
+    assert Guidance("cfg", 2.0, interval=[10, 20]).interval == (10, 20)
+    g = Guidance("cfg", 2.0, interval=(10, 20))
+    assert g.at(15) == Guidance("cfg", 2.0) and g.at(21) == Guidance() and g.branches == 2
+
+
+# ---------------------------------------------------------------------------------------------------
 # sample() on any callable model
 # ---------------------------------------------------------------------------------------------------
 def linear_eps(x, t, y):
@@ -144,6 +223,9 @@ def test_sample_takes_any_callable_model():
     a = sample(linear_eps, y, d, method="ddim", x_T=x_T, progress=False)  # the shape comes from x_T
     b = sample(linear_eps, y, d, method="ddim", x_T=x_T, shape=(2, 3, 4, 4), progress=False)
     assert torch.equal(a, b)
+    # guidance with an interval that holds no timestep of the chain needs no label table
+    g = Guidance("cfg", 3.0, interval=(1, 17))  # ddim10: t = 0, 100, …, 900
+    assert torch.equal(sample(linear_eps, y, d, method="ddim", x_T=x_T, guidance=g, progress=False), a)
 
     class Hook(SamplerHook):
         def on_step(self, state):
@@ -160,7 +242,7 @@ def test_sample_errors_are_one_clear_sentence():
         (dict(), "needs shape=\\(N, C, H, W\\) or x_T"),
         (dict(shape=(3, 1, 4, 4)), "N = 2, the number of labels"),
         (dict(shape=(2, 1, 4, 4), guidance=Guidance("cfg", 2.0)), "needs the model's label embedder"),
-        (dict(shape=(2, 1, 4, 4), guidance=Guidance("super", 2.0)), "superclass labels"),
+        (dict(shape=(2, 1, 4, 4), guidance=Guidance("super", 2.0, interval=(0, 50))), "superclass labels"),
         (dict(shape=(2, 1, 4, 4), method="dpm"), "ddpm | ddim | dpmpp2m"),
         (dict(shape=(2, 1, 4, 4), method="dpmpp2m", eta=1.0), "eta must be 0"),
         (dict(shape=(2, 1, 4, 4), method="ddim", eta=-1.0), "eta must be a number ≥ 0"),

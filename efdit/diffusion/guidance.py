@@ -3,9 +3,15 @@
 One batched forward per step: every branch is concatenated into one batch of k·N rows (k = 1, 2 or 3) and the
 ε channels of the chunks are combined; learned-Σ channels come from the conditional branch. `channels="all"`
 guides all C ε channels, `"first3"` only the first three (DiT's `forward_with_cfg`, for bit-exact reproduction).
+
+Guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
+sample and distribution quality"): with `interval = (t_lo, t_hi)` the branches are combined only while the
+original timestep t (of the 1000-step training chain) lies in [t_lo, t_hi]; outside it the step is one
+conditional forward of N rows, exactly the unguided conditional output.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -21,11 +27,14 @@ class Guidance:
 
     mode: "none" (conditional only) | "cfg" (null branch: ε_∅ + s·(ε_c − ε_∅)) | "super" (superclass branch:
     ε_sup + s·(ε_c − ε_sup)) | "two_term" (ε_∅ + s_sup·(ε_sup − ε_∅) + s·(ε_c − ε_sup)).
+    interval: (t_lo, t_hi), original timesteps, both included: guide only there, a single conditional forward at
+    every other t; None guides every step.
     """
     mode: str = "none"
     scale: float = 1.0
     scale_super: float = 1.0
     channels: str = "all"  # all | first3
+    interval: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -36,11 +45,30 @@ class Guidance:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 raise ValueError(f"guidance {name} must be a finite number, got {value!r}")
+        if self.interval is not None:
+            iv = self.interval
+            ok = (isinstance(iv, (tuple, list)) and len(iv) == 2
+                  and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in iv)
+                  and 0 <= iv[0] <= iv[1])
+            if not ok:
+                raise ValueError(f"guidance interval must be two integer timesteps (t_lo, t_hi) with "
+                                 f"0 <= t_lo <= t_hi, got {iv!r}")
+            self.interval = (int(iv[0]), int(iv[1]))
 
     @property
     def branches(self) -> int:
         """k, the number of branches of a guided step (rows per sample of its forward)."""
         return {"none": 1, "cfg": 2, "super": 2, "two_term": 3}[self.mode]
+
+    def applies(self, t: int) -> bool:
+        """Whether the branches are combined at original timestep t (always for mode "none": it has one)."""
+        return self.interval is None or self.interval[0] <= int(t) <= self.interval[1]
+
+    def at(self, t: int) -> "Guidance":
+        """The guidance of a step at original timestep t, without interval: this one inside it, "none" outside."""
+        if not self.applies(t) or self.mode == "none":
+            return Guidance()
+        return self if self.interval is None else dataclasses.replace(self, interval=None)
 
     def branch_labels(self, labels: torch.Tensor, embedder) -> list[torch.Tensor]:
         if self.mode == "none":
@@ -79,10 +107,21 @@ def guided_forward(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
     x: (N, C, H, W) x_t; t: (N,) original timesteps; labels: (N,) label ids; model(x, t, y, **kw) -> (N, C_out, H, W).
     Returns (N, C_out, H, W): the first `channels` (default C) channels combined by `guidance` (three with
     "first3"), any further (learned-Σ) channels from the conditional branch. Tensors in `model_kwargs` are repeated
-    for every branch; `block_cache` is passed to the model as it is.
+    for every branch; `block_cache` is passed to the model as it is. With `guidance.interval`, rows whose t is
+    outside it get the conditional output: a batch wholly outside runs one N-row forward.
     """
     guidance = guidance or Guidance()
     kw = dict(model_kwargs or {})
+    if guidance.mode != "none" and guidance.interval is not None:
+        lo, hi = guidance.interval
+        inside = (t >= lo) & (t <= hi)  # (N,)
+        if not bool(inside.any()):
+            guidance = Guidance()
+        elif bool(inside.all()):
+            guidance = dataclasses.replace(guidance, interval=None)
+        else:  # rows on both sides: guide all of them, then keep the conditional branch outside
+            out, cond = _branches_forward(model, x, t, labels, guidance, kw, block_cache, channels)
+            return torch.where(inside.view(-1, *([1] * (out.ndim - 1))), out, cond)
     if guidance.mode == "none":
         if block_cache is not None:
             kw["block_cache"] = block_cache

@@ -6,7 +6,7 @@ Each step is the public single-step API, so a hand-written loop reproduces `samp
     x, history = x_T, None
     for i in reversed(range(diffusion.num_timesteps)):                  # chain index, counts down to 0
         t = diffusion.timestep_map[i].repeat(N)                          # (N,) original timesteps
-        out = guided_forward(model, x, t, labels, guidance)               # guidance.py: one batched forward
+        out = guided_forward(model, x, t, labels, guidance.at(int(t[0])))  # guidance.py: one batched forward
         pred = diffusion.p_mean_variance(out.float(), x, torch.full((N,), i))   # x̂0, ε, log σ̂²
         x, history = sampler_step(method, diffusion, x, i, pred.x0, pred.eps,  # solvers.py
                                   log_variance=pred.log_variance, history=history, eta=eta)
@@ -67,6 +67,7 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
     and guidance other than "none" needs a `y_embedder` for its null / superclass labels).
     method: "ddpm" (ancestral, model's variance), "ddim" (η = `eta`) or "dpmpp2m" (DPM-Solver++(2M), a
     deterministic ODE solver: η must be 0). Deterministic given `generator`.
+    guidance.interval limits guidance to a range of timesteps (one N-row forward outside it).
     noise_fn(shape, generator) supplies x_T and every injected noise; project(x) runs after each update.
     """
     if method not in SAMPLERS:
@@ -82,7 +83,7 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
     base = getattr(model, "module", model)
     device = labels.device
     shape = _sample_shape(base, labels, shape, x_T)
-    if guidance.mode != "none":
+    if guidance.mode != "none" and any(guidance.applies(t) for t in diffusion.timestep_map.tolist()):
         label_embedder(base, guidance)  # guided steps need the label table: say so before any work
     noise_fn = noise_fn or (lambda s, g: gaussian_noise(s, g, device))
     x = noise_fn(shape, generator) if x_T is None else x_T.to(device)
@@ -102,12 +103,13 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
     history = None  # multistep solvers: what the previous step left
     draw = lambda: noise_fn(shape, generator)  # noqa: E731  (drawn only by the steps that inject noise)
     steps = list(range(diffusion.num_timesteps))[::-1]
+    timesteps = diffusion.timestep_map.tolist()
     for step, i in enumerate(tqdm(steps, desc=f"sampling ({method})", disable=not progress, leave=False)):
         t_idx = torch.full((N,), i, device=device, dtype=torch.long)
         t = diffusion.timestep_map.to(device)[t_idx]
         for h in hooks:
             h.on_step_begin(step, t)
-        out = guided_forward(model, x, t, labels, guidance, model_kwargs=model_kwargs,
+        out = guided_forward(model, x, t, labels, guidance.at(timesteps[i]), model_kwargs=model_kwargs,
                              block_cache=block_cache, channels=shape[1])
         pred = diffusion.p_mean_variance(out.float(), x, t_idx, clip_x0=clip_x0)
         ab = float(diffusion.alphas_cumprod[i])
