@@ -1,4 +1,4 @@
-"""The single-step API (guided_forward, ddpm/ddim/dpmpp2m steps), guidance in a limited interval, and
+"""The single-step API (guided_forward, ddpm/ddim/dpmpp2m/unipc steps), guidance in a limited interval, and
 sample() on any callable model."""
 import math
 
@@ -16,6 +16,7 @@ from efdit.diffusion import (
     guided_forward,
     sample,
     sampler_step,
+    unipc_step,
 )
 from efdit.diffusion.hooks.cache import DeltaDiTCache, FORACache, TaylorSeerCache
 from efdit.models.embedders import TieredEmbedder
@@ -37,7 +38,8 @@ def by_steps(m, y, d, **kw):
 # ---------------------------------------------------------------------------------------------------
 # a hand-written loop reproduces sample(), step by step
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp2m", 0.0)])
+@pytest.mark.parametrize("method,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp2m", 0.0),
+                                        ("unipc", 0.0)])
 def test_hand_written_loop_reproduces_sample_step_by_step(method, eta):
     m, y = tiered(), torch.arange(4)
     d = create_diffusion("8")
@@ -58,8 +60,10 @@ def test_hand_written_loop_reproduces_sample_step_by_step(method, eta):
                 x = ddim_step(d, x, i, pred.x0, pred.eps, eta=eta, noise=noise)
             elif method == "ddpm":
                 x = ddpm_step(d, x, i, pred.x0, pred.log_variance, noise=noise)
-            else:
+            elif method == "dpmpp2m":
                 x, history = dpmpp2m_step(d, x, i, pred.x0, pred.eps, history)
+            else:
+                x, history = unipc_step(d, x, i, pred.x0, pred.eps, history)
             mine.append(x)
     assert len(mine) == len(ref_steps) == 8
     for k, (a, b) in enumerate(zip(mine, ref_steps)):
@@ -71,7 +75,7 @@ def test_the_documented_loop_with_sampler_step():
     """The loop of the samplers module docstring, as written there, equals sample() (DDPM: same generator)."""
     model, labels, N = tiny_model(), torch.arange(3), 3
     diffusion, guidance = create_diffusion("6"), Guidance("cfg", 2.0)
-    for method, eta in (("ddpm", 0.0), ("ddim", 0.5), ("dpmpp2m", 0.0)):
+    for method, eta in (("ddpm", 0.0), ("ddim", 0.5), ("dpmpp2m", 0.0), ("unipc", 0.0)):
         x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
         ref = sample(model, labels, diffusion, method=method, eta=eta, guidance=guidance, x_T=x_T, progress=False,
                      generator=torch.Generator().manual_seed(4))
@@ -120,8 +124,8 @@ def test_step_api_rejects_bad_input_in_one_sentence():
     d, x = create_diffusion("4"), torch.zeros(1, 1, 2, 2)
     for call, msg in ((lambda: ddim_step(d, x, 4, x, x), r"chain index must be in \[0, 3\], got 4"),
                       (lambda: sampler_step("ddpm", d, x, 1, x, x), "log_variance"),
-                      (lambda: sampler_step("dpmpp2m", d, x, 1, x, x, eta=0.5), "eta must be 0"),
-                      (lambda: sampler_step("euler", d, x, 1, x, x), "ddpm | ddim | dpmpp2m")):
+                      (lambda: sampler_step("unipc", d, x, 1, x, x, eta=0.5), "eta must be 0"),
+                      (lambda: sampler_step("euler", d, x, 1, x, x), "ddpm | ddim | dpmpp2m | unipc")):
         with pytest.raises(ValueError, match=msg):
             call()
 
@@ -180,7 +184,7 @@ def test_interval_with_rows_on_both_sides():
 def test_interval_keeps_hooks_and_caches_working():
     m, y = tiny_model(depth=3), torch.arange(4)
     g = Guidance("cfg", 2.0, interval=(300, 700))
-    for method in ("ddim", "dpmpp2m"):
+    for method in ("ddim", "unipc"):
         plain = sample(m, y, create_diffusion("8"), method=method, guidance=g, progress=False,
                        generator=torch.Generator().manual_seed(0))
         for cache in (FORACache(1), DeltaDiTCache(1, blocks=1), TaylorSeerCache(1, order=2)):
@@ -215,7 +219,7 @@ def linear_eps(x, t, y):
 def test_sample_takes_any_callable_model():
     d = create_diffusion("ddim10", learn_sigma=False)
     y = torch.arange(2)
-    for method in ("ddpm", "ddim", "dpmpp2m"):
+    for method in ("ddpm", "ddim", "dpmpp2m", "unipc"):
         out = sample(linear_eps, y, d, method=method, shape=(2, 3, 4, 4), progress=False,
                      generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
@@ -231,7 +235,7 @@ def test_sample_takes_any_callable_model():
         def on_step(self, state):
             return state.replace(x0=state.x0.clamp(-1, 1))
 
-    out = sample(linear_eps, y, d, method="dpmpp2m", x_T=x_T, hooks=[Hook()], progress=False)
+    out = sample(linear_eps, y, d, method="unipc", x_T=x_T, hooks=[Hook()], progress=False)
     assert out.abs().max() <= 1
 
 
@@ -243,8 +247,8 @@ def test_sample_errors_are_one_clear_sentence():
         (dict(shape=(3, 1, 4, 4)), "N = 2, the number of labels"),
         (dict(shape=(2, 1, 4, 4), guidance=Guidance("cfg", 2.0)), "needs the model's label embedder"),
         (dict(shape=(2, 1, 4, 4), guidance=Guidance("super", 2.0, interval=(0, 50))), "superclass labels"),
-        (dict(shape=(2, 1, 4, 4), method="dpm"), "ddpm | ddim | dpmpp2m"),
-        (dict(shape=(2, 1, 4, 4), method="dpmpp2m", eta=1.0), "eta must be 0"),
+        (dict(shape=(2, 1, 4, 4), method="dpm"), "ddpm | ddim | dpmpp2m | unipc"),
+        (dict(shape=(2, 1, 4, 4), method="unipc", eta=1.0), "eta must be 0"),
         (dict(shape=(2, 1, 4, 4), method="ddim", eta=-1.0), "eta must be a number ≥ 0"),
         (dict(shape=(2, 1, 4, 4), hooks=[DeltaDiTCache(2)]), "has no blocks"),
     )

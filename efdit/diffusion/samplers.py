@@ -1,5 +1,5 @@
-"""The sampling loop: ancestral DDPM (learned or fixed variance), DDIM(η) and DPM-Solver++(2M), with guidance and
-hooks.
+"""The sampling loop: ancestral DDPM (learned or fixed variance), DDIM(η), DPM-Solver++(2M) and UniPC, with guidance
+and hooks.
 
 Each step is the public single-step API, so a hand-written loop reproduces `sample()` exactly:
 
@@ -14,6 +14,7 @@ Each step is the public single-step API, so a hand-written loop reproduces `samp
 `sample()` adds, per step: hooks (see hooks/__init__.py; `on_step_begin` before the forward, `on_step` after guidance
 and clipping, which may replace x̂0 or ε: the other is recomputed from what they return), the block cache among the
 hooks (passed to the model), `noise_fn` for x_T and every injected noise, and `project(x)` after every update.
+Hooks see the x_t the model was evaluated at; UniPC's corrector then moves it (solvers.py) without a new forward.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def sample(model, labels: torch.Tensor, diffusion: GaussianDiffusion, *, method:
 
     model: a DiT, or any callable model(x, t, y, **model_kwargs) -> (N, C_out, H, W) (then give `shape` or `x_T`,
     and guidance other than "none" needs a `y_embedder` for its null / superclass labels).
-    method: "ddpm" (ancestral, model's variance), "ddim" (η = `eta`) or "dpmpp2m" (DPM-Solver++(2M), a
-    deterministic ODE solver: η must be 0). Deterministic given `generator`.
+    method: "ddpm" (ancestral, model's variance), "ddim" (η = `eta`), "dpmpp2m" (DPM-Solver++(2M)) or "unipc"
+    (UniPC-2, bh2); the last two are deterministic ODE solvers, η must be 0. Deterministic given `generator`.
     guidance.interval limits guidance to a range of timesteps (one N-row forward outside it).
     noise_fn(shape, generator) supplies x_T and every injected noise; project(x) runs after each update.
     """
