@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> int:
     import torch
     torch.set_num_threads(1)
+    from efdit.commands.d2it_table5 import main as table5
     from efdit.d2it.config import build_d2it_config
-    from efdit.d2it.table5 import main as table5
-    from efdit.d2it.train import load_stage, train_d2it
+    from efdit.engine.d2it_train import load_stage, train_d2it
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="fmnist32")
     p.add_argument("--run-dir", default="runs/d2it-fmnist32")

@@ -487,7 +487,7 @@ def quality_matched() -> dict:
 
 def targets(R: dict) -> str:
     rate = R["matmul_rate"]
-    L = ["**Targets** (issue 8)", ""]
+    L = ["**Targets**", ""]
 
     def best_ratio(rows, arch=None):
         out = []

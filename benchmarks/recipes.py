@@ -47,9 +47,9 @@ def _reference(per_subclass: int, extractor):
 
 def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[float, np.ndarray]:
     from efdit.config import apply_overrides
+    from efdit.engine.files import load_model
+    from efdit.engine.generate import generate
     from efdit.metrics.fd import frechet_distance_from_features
-    from efdit.runs import load_model
-    from efdit.sample import generate
     model, cfg, _, _ = load_model(run / "model.safetensors")
     apply_overrides(cfg, {"sample.sampler": "dpmpp2m", "sample.steps": "10", "sample.cfg_scale": 2.0,
                           "sample.eta": 0.0, "sample.seed": 0})
@@ -61,7 +61,7 @@ def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[floa
 
 def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor) -> list[dict]:
     from efdit.config import build_config
-    from efdit.train import train
+    from efdit.engine.train import train
     run = out / name
     results_path = out / f"{name}.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
@@ -76,7 +76,7 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
         while True:
             goal = images + step_images
             cfg.train.total_images = goal
-            t0, w0 = time.process_time(), time.time()
+            t0 = time.process_time()
             train(cfg, progress=False)
             used = time.process_time() - t0
             cpu += used
@@ -99,8 +99,9 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
 def thread_throughput(out: Path, images: int = 2048, rounds: int = 2) -> dict:
     """img per wall-second of the current recipe with 1 and 2 threads, interleaved (fresh runs each time)."""
     import shutil
+
     from efdit.config import build_config
-    from efdit.train import train
+    from efdit.engine.train import train
     got: dict[int, list[float]] = {1: [], 2: []}
     for r in range(rounds):
         for threads in (1, 2):
@@ -136,7 +137,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
     table = {n: run_recipe(n, out, args.cpu_minutes, args.points, ref, extractor) for n in names}
-    print(f"\n| recipe | overrides | " + " | ".join(f"FD @ {args.cpu_minutes * (k + 1) / args.points:g} CPU-min"
+    print("\n| recipe | overrides | " + " | ".join(f"FD @ {args.cpu_minutes * (k + 1) / args.points:g} CPU-min"
                                                  for k in range(args.points)) + " | images | img/CPU-s |")
     print("|---|---|" + "---:|" * (args.points + 2))
     for n, rows in table.items():

@@ -7,7 +7,7 @@ One run, one model, the demo's guidance (the model's own sample config: CFG ×2 
 samples the same class-balanced labels from the same seed, so all but the second DDIM-50 share their initial
 noise x_T (paired comparison); the second DDIM-50 seed measures the seed-to-seed spread of FD at this N.
 
-Quality: FD-EffNetLite0 (efdit.metrics.evaluate's protocol: N per subclass against N real test images per
+Quality: FD-EffNetLite0 (efdit.engine.evaluate's protocol: N per subclass against N real test images per
 subclass, features at 64 px; the real-vs-real floor is printed too). A superclass-conditioned model (fmnist-base)
 samples, for each subclass, N images of its parent superclass, so the samples follow the real class mix.
 A setting is *quality-matched* when FD ≤ FD(DDIM-50) + max(5 % · FD(DDIM-50), |FD(seed 0) − FD(seed 1)|).
@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from efdit.metrics.evaluate import get_classifier, reference_and_floor, score  # noqa: E402
-from efdit.runs import load_model  # noqa: E402
-from efdit.sample import generate, guidance_of  # noqa: E402
+from efdit.engine.evaluate import get_classifier, reference_and_floor, score  # noqa: E402
+from efdit.engine.files import load_model  # noqa: E402
+from efdit.engine.generate import generate, guidance_of  # noqa: E402
 
 SECTION = "## Quality-matched sampling"
 

@@ -6,11 +6,12 @@ Values are parsed to the field's type; an unknown key or preset is a one-line er
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
-from .errors import EfditError
+from .errors import EfditError, did_you_mean
 
 
 @dataclass
@@ -90,13 +91,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"          # ddpm | ddim | dpmpp2m (DPM-Solver++(2M): 10-20 steps)
+    sampler: str = "ddim"          # ddpm | ddim | dpmpp2m (DPM-Solver++(2M)) | unipc (UniPC bh2): 10-20 steps
     steps: str = "50"              # respacing: "250", "ddim50", "50"
     eta: float = 0.0
     guidance: str = "auto"         # auto (cfg for flat, super for tiered embedders) | none | cfg | super | two_term
     cfg_scale: float = 2.0
     cfg_scale_super: float = 1.0
     cfg_channels: str = "all"      # all | first3
+    guidance_interval: str = ""    # "T_LO,T_HI": guide only for t in [T_LO, T_HI] (original timesteps); "" = always
     clip_x0: bool = True           # clip predicted x0 to [-1, 1] (pixel space)
     per_class: int = 8
     seed: int = 0
@@ -220,8 +222,7 @@ def get_preset(name: str) -> Config:
 
 
 def _close(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return did_you_mean(name, options)
 
 
 # ---- overrides --------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def _parse(value, typ, key: str):
             return True
         if s in ("0", "false", "no", "off"):
             return False
-        raise EfditError(f"--{key} expects true/false, got {value!r}")
+        raise EfditError(f"--{key} must be true or false, got {value!r}")
     try:
         if typ is int:
             if isinstance(value, float) and not value.is_integer():
@@ -262,7 +263,7 @@ def _parse(value, typ, key: str):
         if typ is float:
             return float(value)
     except (TypeError, ValueError):
-        raise EfditError(f"--{key} expects {typ.__name__}, got {value!r}") from None
+        raise EfditError(f"--{key} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
     return str(value)
 
 
@@ -283,7 +284,10 @@ def apply_overrides(cfg: Config, overrides: dict, strict: bool = True) -> Config
             else:
                 continue
         obj, f = paths[k]
-        setattr(obj, f.name, _parse(value, f.type, key))
+        parsed = _parse(value, f.type, key)
+        if strict:
+            check_field(k, parsed, key, value)
+        setattr(obj, f.name, parsed)
     return cfg
 
 
@@ -335,3 +339,117 @@ def parse_kv(spec: str) -> dict:
         else:
             out[k] = {"true": True, "false": False}.get(v.lower(), v)
     return out
+
+
+# ---- what each field may hold ---------------------------------------------------------------------------------
+# The config is the schema: every field has a kind (range) or a set of choices. `apply_overrides` checks each
+# option as it is given (the message names the option as the user typed it), `validate_config` checks a whole
+# config (fields and combinations) before any work starts. The choice sets name what the core packages implement;
+# tests/test_validation.py checks they agree with those registries.
+PEFT = ("full", "bitfit", "difffit", "finediffusion", "efdit", "lora")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "unipc")
+DETERMINISTIC = ("dpmpp2m", "unipc")   # ODE solvers: η must be 0
+GUIDANCE = ("auto", "none", "cfg", "super", "two_term")
+ACCEL = ("none", "fora", "delta", "taylorseer")
+MAX_SCALE = 100.0   # guidance scales above this are a typo, not a setting
+
+KINDS = {  # kind -> (test, words)
+    "pos_int": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
+    "nonneg_int": (lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0"),
+    "pos": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    "nonneg": (lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0"),
+    "finite": (lambda v: math.isfinite(v), "a finite number"),
+    "fraction": (lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "unit": (lambda v: math.isfinite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "scale": (lambda v: math.isfinite(v) and 0 <= v <= MAX_SCALE, f"a guidance scale from 0 to {MAX_SCALE:g}"),
+}
+RULES: dict[str, object] = {
+    "model.patch_size": "pos_int", "model.hidden_size": "pos_int", "model.depth": "pos_int",
+    "model.num_heads": "pos_int", "model.mlp_ratio": "pos", "model.class_dropout_prob": "fraction",
+    "model.pos_embed": ("sincos", "learned"), "model.condition_on": ("sub", "super"),
+    "model.embedder": ("flat", "tiered"), "model.tiered_mode": ("sum", "finediffusion"),
+    "model.null_prob": "fraction", "model.peft": PEFT, "model.lora_rank": "pos_int",
+    "model.difffit_blocks": ("all", "first_half"),
+    "data.image_size": "nonneg_int", "data.channels": (0, 1, 3), "data.on_bad_image": ("skip", "fail"),
+    "diffusion.schedule": ("linear", "cosine"), "diffusion.steps": "pos_int",
+    "diffusion.prediction": ("eps", "v", "x0"), "diffusion.loss": ("hybrid", "mse"),
+    "diffusion.timesteps": ("uniform", "lognormal"), "diffusion.lognormal_mean": "finite",
+    "diffusion.lognormal_std": "pos", "diffusion.weighting": ("none", "min_snr"), "diffusion.min_snr_gamma": "pos",
+    "train.batch_size": "pos_int", "train.lr": "pos", "train.warmup_images": "nonneg_int",
+    "train.weight_decay": "nonneg", "train.ema_decay": "fraction", "train.grad_clip": "nonneg",
+    "train.grad_accum": "pos_int", "train.precision": ("fp32", "bf16"), "train.total_images": "pos_int",
+    "train.minutes": "nonneg", "train.log_every": "pos_int", "train.ckpt_every": "pos_int",
+    "train.sample_every": "nonneg_int", "train.init_labels": ("parent", "random"), "train.seed": "nonneg_int",
+    "train.threads": "nonneg_int",
+    "sample.sampler": SAMPLERS, "sample.steps": "respacing", "sample.eta": "unit", "sample.guidance": GUIDANCE,
+    "sample.cfg_scale": "scale", "sample.cfg_scale_super": "scale", "sample.cfg_channels": ("all", "first3"),
+    "sample.per_class": "pos_int", "sample.seed": "nonneg_int", "sample.accel": ACCEL,
+    "sample.accel_kwargs": "kv", "model.attn_kwargs": "kv", "sample.guidance_interval": "interval",
+}
+# fields of other config trees (D²iT's) are checked by their name where they mean the same thing
+NAME_RULES = {"lr": "pos", "batch_size": "pos_int", "minutes": "nonneg", "hidden_size": "pos_int",
+              "num_heads": "pos_int", "ema_decay": "fraction", "class_dropout_prob": "fraction", "seed": "nonneg_int",
+              "image_size": "nonneg_int", "cfg_scale": "scale", "grain_cfg_scale": "scale", "per_class": "pos_int",
+              "steps": "pos_int", "sample_steps": "pos_int", "depth": "pos_int", "trunk_depth": "pos_int"}
+RESPACING = re.compile(r"^(ddim)?[1-9][0-9]*$|^[1-9][0-9]*(,[1-9][0-9]*)+$")
+
+
+def field_error(path: str, value, shown: str | None = None, raw=None) -> str | None:
+    """The complaint about `value` for field `path` (None if it is allowed); `shown` is the option as typed."""
+    rule = RULES.get(path, NAME_RULES.get(path.split(".")[-1]))
+    name = f"--{shown or path}"
+    raw = value if raw is None else raw
+    if rule is None:
+        return None
+    if isinstance(rule, tuple):
+        if value in rule:
+            return None
+        return f"{name} must be one of {' | '.join(map(str, rule))}, got {raw!r}" + did_you_mean(str(value), rule)
+    if rule == "respacing":
+        if RESPACING.match(str(value)):
+            return None
+        return f'{name} must be a positive integer or a respacing such as "ddim50", got {raw!r}'
+    if rule == "interval":
+        if str(value).strip() == "" or re.fullmatch(r"\s*\d+\s*,\s*\d+\s*", str(value)) and \
+                int(str(value).split(",")[0]) <= int(str(value).split(",")[1]):
+            return None
+        return f'{name} must be "T_LO,T_HI" with 0 ≤ T_LO ≤ T_HI (original timesteps), or "" for every step, got {raw!r}'
+    if rule == "kv":
+        try:
+            parse_kv(str(value))
+        except EfditError as e:
+            return f"{name}: {e}"
+        return None
+    test, words = KINDS[rule]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+        return f"{name} must be {words}, got {raw!r}"
+    return None
+
+
+def check_field(path: str, value, shown: str | None = None, raw=None) -> None:
+    err = field_error(path, value, shown, raw)
+    if err:
+        raise EfditError(err)
+
+
+def validate_config(cfg: Config) -> Config:
+    """Every field within its kind or choices, and the combinations: heads dividing the hidden size, the sampler's
+    steps within the chain, a tiered embedder on subclasses. One EfditError naming the first problem."""
+    for path, (obj, f) in field_paths(cfg).items():
+        check_field(path, getattr(obj, f.name))
+    m, s, d = cfg.model, cfg.sample, cfg.diffusion
+    if not m.arch and m.hidden_size % m.num_heads:
+        raise EfditError(f"--model.num_heads {m.num_heads} must divide --model.hidden_size {m.hidden_size}")
+    if not m.arch and m.pos_embed == "sincos" and m.hidden_size % 4:
+        raise EfditError(f"--model.hidden_size {m.hidden_size} must be a multiple of 4 for the 2-D sin-cos position "
+                         f"embedding (or --model.pos_embed learned)")
+    if m.embedder == "tiered" and m.condition_on != "sub":
+        raise EfditError("--model.embedder tiered conditions on subclasses: use --model.condition_on sub")
+    if s.guidance_interval.strip() and int(s.guidance_interval.split(",")[1]) >= d.steps:
+        raise EfditError(f"--sample.guidance_interval {s.guidance_interval!r} reaches past the {d.steps}-step chain")
+    steps = [int(x) for x in str(s.steps).removeprefix("ddim").split(",")]
+    if sum(steps) > d.steps:
+        raise EfditError(f"--sample.steps {s.steps!r} asks for more steps than the {d.steps}-step chain has")
+    if s.sampler in DETERMINISTIC and s.eta != 0:
+        raise EfditError(f"--sample.sampler {s.sampler} is deterministic: --sample.eta must be 0, not {s.eta}")
+    return cfg

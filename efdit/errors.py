@@ -1,6 +1,7 @@
 """User-facing failures, the bottom of every layer.
 
-`EfditError` is the one exception type for bad user input: the CLI prints its message on one line, no traceback.
+`EfditError` is the one exception type for bad user input: the CLI prints its message on one line, no traceback;
+`EfditWarning` likewise for warnings.
 Two helpers build such failures the same way everywhere:
   did_you_mean(name, options)   "; did you mean 'x'?" (or "") for an unknown name
   atomic_write(path)            write to a temporary file beside `path`, rename it into place on success; on any
@@ -18,6 +19,11 @@ from typing import Iterable, Iterator
 
 class EfditError(Exception):
     """A clear, user-facing error (bad input, missing file, wrong checkpoint shape, NaN loss)."""
+
+
+class EfditWarning(UserWarning):
+    """Something the user should know that does not stop the work (skipped files, a fallback). The command line
+    prints it as one line, `efdit: warning: …`; a library user gets a plain Python warning."""
 
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3, cutoff: float = 0.5) -> str:

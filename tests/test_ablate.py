@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import efdit.ablate as ablate
+import efdit.commands.ablate as ablate
 from efdit.config import build_config
 from efdit.errors import EfditError
 
@@ -18,9 +18,6 @@ def test_mechanism_variants_share_training_only_when_sampling_differs():
 
 
 def test_run_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
-    import efdit.metrics.evaluate as ev
-    import efdit.runs as runs
-    import efdit.train as tr
     trained, evaluated = [], []
 
     def fake_train(cfg, progress=True):
@@ -38,9 +35,9 @@ def test_run_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
         evaluated.append((kw["model_sha"], cfg.sample.hrig))
         return {"metrics": {"fd_effnetlite0": 1.0}, "floor": {"fd_effnetlite0": 0.5}}
 
-    monkeypatch.setattr(tr, "train", fake_train)
-    monkeypatch.setattr(runs, "load_model", fake_load)
-    monkeypatch.setattr(ev, "evaluate_model", fake_eval)
+    monkeypatch.setattr(ablate, "train", fake_train)
+    monkeypatch.setattr(ablate, "load_model", fake_load)
+    monkeypatch.setattr(ablate, "evaluate_model", fake_eval)
     monkeypatch.setattr(ablate, "read_log", lambda p: [{"img_per_s": 2.0, "loss": 0.1}])
     out = ablate.run_ablation("fmnist-finetune", tmp_path, ablate.mechanism_variants("gain=0.5"), {}, 2, False)
     assert len(trained) == 4 and len(evaluated) == 5
@@ -58,7 +55,8 @@ def test_unknown_variant_is_a_clear_error():
 
 def test_hrig_sweep_reuses_only_matching_rows(tmp_path):
     import json
-    from efdit.hrig_tools import _reusable
+
+    from efdit.commands.hrig import _reusable
     cfg = build_config("fmnist-finetune", {})
     s = cfg.sample
     rec = {"hrig": "gain=0.5", "model_sha256": "abc", "n_per_class": 20, "sampler": s.sampler, "steps": s.steps,

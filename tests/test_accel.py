@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from tiny import randomize, tiny_model
 
 from efdit.config import Config, apply_overrides, parse_kv
 from efdit.diffusion import Guidance, SamplerHook, create_diffusion, sample
@@ -13,7 +14,6 @@ from efdit.errors import EfditError
 from efdit.models.dit import modulate
 from efdit.models.embedders import TieredEmbedder
 from efdit.models.peft import add_difffit_scales
-from tiny import randomize, tiny_model
 
 CFG = Guidance("cfg", 2.0)
 
@@ -348,8 +348,8 @@ def test_cache_under_cfg_holds_the_doubled_batch():
 
 
 def test_build_accel_and_config_wiring():
-    from efdit.cli import sample_overrides
-    from efdit.sample import accel_hooks, generate
+    from efdit.commands.options import sample_overrides
+    from efdit.engine.generate import accel_hooks, generate
     cfg = apply_overrides(Config(), sample_overrides({"accel": "taylorseer", "accel-kw": "interval=3,order=2",
                                                       "steps": "6"}))
     (hook,) = accel_hooks(cfg)
@@ -360,7 +360,7 @@ def test_build_accel_and_config_wiring():
         cfg.sample.accel, cfg.sample.accel_kwargs = name, kw
         with pytest.raises(EfditError, match=msg):
             accel_hooks(cfg)
-    from efdit.sample import check_sampler
+    from efdit.engine.generate import check_sampler
     bad = Config()
     bad.sample.sampler = "dpm"
     with pytest.raises(EfditError, match="ddpm | ddim | dpmpp2m"):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from efdit.errors import EfditError
-from efdit.models.checkpoint import (load_official_dit, load_safetensors, load_state_dict_checked,
-                                     save_safetensors)
+from efdit.models.checkpoint import load_official_dit, load_safetensors, load_state_dict_checked, save_safetensors
 from efdit.models.dit import DiT, build_dit
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)

@@ -4,17 +4,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import randomize
 
 from efdit.d2it.dct import DynamicContentTransformer
 from efdit.d2it.dgt import DynamicGrainTransformer, grain_loss, sample_grains
 from efdit.d2it.dvae import DVAE, project_multigrain
-from efdit.d2it.grains import (EntropySpec, entropy_of_pixels, grain_map, percentile_thresholds, region_entropy,
-                               threshold_for, upsample_map)
+from efdit.d2it.grains import (
+    EntropySpec,
+    entropy_of_pixels,
+    grain_map,
+    percentile_thresholds,
+    region_entropy,
+    threshold_for,
+    upsample_map,
+)
 from efdit.d2it.multigrain import multigrain_noise, multigrain_reduce, sample_dct, training_losses
 from efdit.diffusion import create_diffusion
 from efdit.diffusion.hooks import SamplerHook
-
-from tiny import randomize
 
 
 def coarse_constant(x, grain):
@@ -275,8 +281,8 @@ def test_percentiles_match_numpy_inverted_cdf():
 def test_d2it_cli_trains_every_stage_then_samples(tmp_path, capsys):
     """`efdit d2it train` end to end on 16 px digits (2 steps a stage), then `efdit d2it sample` from its files."""
     from efdit.cli import main as cli_main
-    from efdit.d2it.train import STAGES, load_dct, load_dgt, load_dit
     from efdit.d2it.config import build_d2it_config
+    from efdit.engine.d2it_train import STAGES, load_dct, load_dgt, load_dit
     run = tmp_path / "run"
     args = ["d2it", "train", "--preset", "fmnist32", "--run-dir", str(run), "--data.dataset", "digits",
             "--data.image_size", "16", "--no-progress"]

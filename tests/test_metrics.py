@@ -11,8 +11,15 @@ from efdit.errors import EfditError
 
 pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed (pip install torch-fidelity==0.4.0)")
 
-from efdit.metrics.classifier import (accuracy_report, classify, hierarchy_scores, load_classifier,  # noqa: E402
-                                      load_or_train_classifier, save_classifier, train_classifier)
+from efdit.metrics.classifier import (  # noqa: E402
+    accuracy_report,
+    classify,
+    hierarchy_scores,
+    load_classifier,
+    load_or_train_classifier,
+    save_classifier,
+    train_classifier,
+)
 from efdit.metrics.fd import feature_stats, frechet_distance, frechet_distance_from_features  # noqa: E402
 from efdit.metrics.kid import kernel_distance  # noqa: E402
 from efdit.metrics.prdc import precision_recall  # noqa: E402

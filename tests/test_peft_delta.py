@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from efdit.config import build_config
+from efdit.engine.files import export_model, frozen_keys, load_model
+from efdit.engine.train import train
 from efdit.errors import EfditError
-from efdit.finetune import frozen_keys
 from efdit.models.checkpoint import load_safetensors
-from efdit.runs import export_model, load_model
-from efdit.train import train
 
 X, T = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((10,), 300)
 Y = torch.arange(10)

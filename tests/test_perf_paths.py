@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from efdit.config import Config
 from efdit.diffusion import Guidance, create_diffusion, sample
-from efdit.errors import EfditError
+from efdit.engine.generate import generate
+from efdit.errors import EfditError, EfditWarning
 from efdit.models.compiled import CompiledModel, maybe_compile
 from efdit.models.peft import apply_peft
-from efdit.sample import generate
-from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def test_compile_raising_at_compile_time_falls_back_with_one_warning(monkeypatch
         raise RuntimeError("no C++ compiler found\nsecond line of the traceback")
     monkeypatch.setattr(torch, "compile", boom)
     m = tiny_model()
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\)") as rec:
+    with pytest.warns(EfditWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\)") as rec:
         w = maybe_compile(m, True)
     assert len(rec) == 1 and "\n" not in str(rec[0].message)  # one line
     assert not w.is_compiled and w.module is m
@@ -55,7 +55,7 @@ def test_compile_failing_at_first_call_falls_back_once(monkeypatch):
     w = maybe_compile(m, True, dynamic=False)
     assert w.is_compiled
     x, t, y = _inputs()
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="inductor: C\\+\\+ compile error"):
+    with torch.no_grad(), pytest.warns(EfditWarning, match="inductor: C\\+\\+ compile error"):
         out = w(x, t, y)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning, no second compile attempt
@@ -132,7 +132,7 @@ def test_generate_runs_in_inference_mode_and_compile_flag_falls_back(monkeypatch
     def boom(*a, **k):
         raise RuntimeError("compile unavailable")
     monkeypatch.setattr(torch, "compile", boom)
-    with pytest.warns(RuntimeWarning, match="compile unavailable"):
+    with pytest.warns(EfditWarning, match="compile unavailable"):
         out = generate(m, _cfg(compile=True), labels, progress=False)
     assert torch.equal(out, ref)
 

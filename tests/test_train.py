@@ -13,9 +13,9 @@ import torch
 from efdit.cli import main as cli_main
 from efdit.config import Config, build_config, get_preset, parse_override_args
 from efdit.data import HierarchicalDataset, Hierarchy
+from efdit.engine.train import train
 from efdit.errors import EfditError
 from efdit.models.checkpoint import load_safetensors
-from efdit.train import train
 
 CLI = [sys.executable, "-m", "efdit.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_checked():
     assert (cfg.train.lr, cfg.model.depth, cfg.train.total_images, cfg.data.hflip) == (3e-4, 3, 2000, True)
     with pytest.raises(EfditError, match=r"unknown option --lrr; did you mean 'lr'"):
         build_config("digits-tiny", {"lrr": "1"})
-    with pytest.raises(EfditError, match="--depth expects int"):
+    with pytest.raises(EfditError, match="--depth must be an integer"):
         build_config("digits-tiny", {"depth": "deep"})
     with pytest.raises(EfditError, match="ambiguous"):
         build_config("digits-tiny", {"seed": "1"})  # train.seed and sample.seed
@@ -51,7 +51,7 @@ def test_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("efdit: error: unknown preset 'nope'") and "\n" not in err
     assert cli_main(["trian"]) == 2
-    assert "did you mean train" in capsys.readouterr().err
+    assert "did you mean 'train'" in capsys.readouterr().err
 
 
 def _run(args, **kw):
@@ -103,7 +103,7 @@ def test_changed_config_refuses_to_resume(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    import efdit.train as T
+    import efdit.engine.train as T
     real = T.build_diffusion
     calls = {"n": 0}
 
@@ -143,8 +143,8 @@ def test_overfits_two_images_and_samples_them(tmp_path):
                                        "lr": 2e-3, "ckpt_every": 1_000_000, "log_every": 4000, "ema_decay": 0.95,
                                        "sample.steps": "25", "cfg_scale": 1.0, "threads": 1})
     train(cfg, progress=False, dataset=ds)
-    from efdit.runs import load_model
-    from efdit.sample import generate
+    from efdit.engine.files import load_model
+    from efdit.engine.generate import generate
     model, cfg2, h, _ = load_model(tmp_path / "model.safetensors")
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     images = generate(model, cfg2, labels, progress=False).float() / 255

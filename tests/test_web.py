@@ -18,15 +18,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import randomize
 
+from efdit.commands.serve import (
+    MAX_SCALE,
+    Request,
+    ServedModel,
+    available_samplers,
+    extra_sample_options,
+    find_checkpoint,
+    generate_for,
+    grain_map_images,
+    open_model,
+    validate,
+)
 from efdit.config import Config
 from efdit.data import Hierarchy
+from efdit.engine.build import build_model
+from efdit.engine.files import save_model
 from efdit.errors import EfditError
 from efdit.models.checkpoint import save_safetensors
-from efdit.runs import build_model, save_model
-from efdit.web import (MAX_SCALE, Request, ServedModel, available_samplers, extra_sample_options, find_checkpoint,
-                       generate_for, grain_map_images, open_model, validate)
-from tiny import randomize
 
 H, W = 12, 8  # non-square, so a transposed image cannot pass
 HIER = Hierarchy(["cat", "dog", "owl", "car", "bus"], ["animals", "vehicles"], torch.tensor([0, 0, 0, 1, 1]))
@@ -150,11 +161,11 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("efdit: error: no model file in") and "\n" not in err
     assert cli_main(["serve", "--ckpt", str(tmp_path / "x.safetensors"), "--port", "0"]) == 2
-    assert "--port must be from 1 to 65535" in capsys.readouterr().err
+    assert "--port must be a port from 1 to 65535, got '0'" in capsys.readouterr().err
 
 
 def test_cli_and_web_modules_do_not_import_gradio():
-    code = "import sys, efdit, efdit.cli, efdit.web; print('gradio' in sys.modules)"
+    code = "import sys, efdit, efdit.cli, efdit.commands.serve; print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -169,7 +180,7 @@ def make_d2it_run(run: Path, hierarchy: Hierarchy | None = HIER, num_classes: in
     from efdit.d2it.dct import build_dct
     from efdit.d2it.dgt import build_dgt
     from efdit.d2it.dvae import build_dvae
-    from efdit.d2it.train import save_stage
+    from efdit.engine.d2it_train import save_stage
     cfg = build_d2it_config("fmnist32", {
         "run_dir": str(run), "data.dataset": "digits", "data.image_size": D2_SIZE, "dvae.ch": 8,
         "dvae.z_channels": 2, "dvae.groups": 4, "dgt.hidden_size": 32, "dgt.depth": 2, "dgt.num_heads": 2,
@@ -197,7 +208,7 @@ def d2served(d2run):
 
 
 def test_d2it_run_opens_with_its_hierarchy_and_options(d2run, d2served, tmp_path):
-    from efdit.web_backends import D2iTServed
+    from efdit.commands.serve_d2it import D2iTServed
     assert find_checkpoint(run=d2run) == d2run and isinstance(d2served, D2iTServed) and d2served.d2it
     assert d2served.hierarchy.to_dict() == HIER.to_dict() and d2served.hierarchy_source == "dgt.safetensors"
     assert d2served.subclasses_of("vehicles") == ["car", "bus"]
@@ -302,7 +313,7 @@ def _listen_addresses(port: int) -> set[str]:
 def server(ckpt):
     """`efdit serve --ckpt CKPT --port PORT` in a background thread of this process (one torch import, not two)."""
     _browser_or_skip()
-    from efdit.web import serve
+    from efdit.commands.serve import serve
     port = _free_port()
     app = serve(ckpt=str(ckpt), port=port, device="cpu", block=False)
     yield f"http://127.0.0.1:{port}/", port
@@ -398,7 +409,7 @@ def test_page_generates_in_chromium(server, served, tmp_path):
 @pytest.fixture
 def d2server(d2run):
     _browser_or_skip()
-    from efdit.web import serve
+    from efdit.commands.serve import serve
     port = _free_port()
     app = serve(run=str(d2run), port=port, device="cpu", block=False)
     yield f"http://127.0.0.1:{port}/"

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from ..config import apply_overrides, _flatten
+from ..config import _flatten, apply_overrides
 from ..errors import EfditError
 
 
@@ -180,6 +180,10 @@ def build_d2it_config(preset: str | None, overrides: dict) -> D2itConfig:
         raise EfditError(f"image size {cfg.data.image_size} is not divisible by f2 = {cfg.f2}")
     if cfg.dvae.perceptual_weight:
         raise EfditError("dvae.perceptual_weight: the perceptual term is not implemented (keep it 0)")
+    for name in ("dgt", "dct", "dit"):
+        part = getattr(cfg, name)
+        if part.hidden_size % part.num_heads:
+            raise EfditError(f"--{name}.num_heads {part.num_heads} must divide --{name}.hidden_size {part.hidden_size}")
     return cfg
 
 

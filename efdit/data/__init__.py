@@ -18,7 +18,7 @@ from efdit.errors import EfditError
 
 # name -> one-line description (for CLI help); the loaders are in the modules of the same name
 DATASETS: dict[str, str] = {
-    "digits": "scikit-learn digits, 1,797 x 8x8 gray, 10 digits under 3 made-up superclasses (always available)",
+    "digits": "scikit-learn digits, 1,797 x 8x8 gray, 10 digits under 3 made-up superclasses (needs efdit[data])",
     "fmnist": "Fashion-MNIST, 60k+10k x 28x28 gray, 10 classes under 4 superclasses (Debian dataset-fashion-mnist)",
     "emoji": "emoji drawings (Google + Twitter), 32x32 RGB, Unicode group -> subgroup -> emoji (npm, --emoji)",
     "folder": "your images: root/<superclass>/<subclass>/*.png|jpg|... (needs root; lazy=True reads on access)",

@@ -1,7 +1,7 @@
 """scikit-learn `load_digits`: 1,797 handwritten digits, 8x8 grayscale with 16 gray levels (0..16).
 
 Source: UCI "Optical Recognition of Handwritten Digits" (Alpaydin & Kaynak), CC BY 4.0, shipped inside
-scikit-learn (`sklearn/datasets/data/digits.csv.gz`), so it is always available offline. Tiny and fast:
+scikit-learn (`sklearn/datasets/data/digits.csv.gz`): offline wherever scikit-learn is installed (efdit[data]). Tiny:
 meant for unit tests and the CPU smoke demo, far too small and low-resolution for meaningful FD numbers.
 
 Hierarchy: digits have none. The 3 superclasses below are MADE UP (roughly by the shape of the glyph)
@@ -48,7 +48,11 @@ def load_digits(split: str = "train", image_size: int | tuple[int, int] | None =
     """The digits as a `HierarchicalDataset`: uint8 (N, 1, 8, 8), values 0..16 scaled to 0..255."""
     if split not in SPLITS:
         raise EfditError(f"unknown digits split {split!r}; known: {', '.join(SPLITS)}")
-    from sklearn.datasets import load_digits as sk_load_digits  # heavy import, kept out of `import efdit.data`
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits  # heavy import, kept out of `import efdit.data`
+    except ImportError:
+        raise EfditError("the digits dataset ships inside scikit-learn, which is not installed: "
+                         "pip install 'efdit[data]'") from None
 
     d = sk_load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (1797, 8, 8)

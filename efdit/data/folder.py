@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 
 from efdit.data.base import HierarchicalDataset, as_size
 from efdit.data.hierarchy import Hierarchy
-from efdit.errors import EfditError
+from efdit.errors import EfditError, EfditWarning
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BAD_IMAGE_MODES = ("skip", "fail")
@@ -162,7 +162,9 @@ def load_folder(root: str | os.PathLike, split: str = "train", image_size: int |
         kept.append(str(f.relative_to(root)))
     if bad:
         shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) under {root}: {shown}", stacklevel=_caller_stacklevel())
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) under {root}: {shown} (all of them: the dataset's "
+                      f"info['skipped_files']; a training run lists them in its skipped-images.txt)", EfditWarning,
+                      stacklevel=_caller_stacklevel())
 
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
     empty = [f"{sup}/{sub}" for (sup, sub, _), c in zip(classes, counts) if c == 0]

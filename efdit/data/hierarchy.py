@@ -6,12 +6,11 @@ subgroup -> emoji); the dataset keeps the full paths and `Hierarchy.from_paths` 
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import EfditError
+from ..errors import EfditError, did_you_mean
 
 
 @dataclass
@@ -49,10 +48,10 @@ class Hierarchy:
 
     def sub_id(self, name_or_id: str | int) -> int:
         """A subclass id from an id or a name; an unknown name is a ValueError naming close matches."""
-        return _lookup(name_or_id, self.sub_names, "subclass")
+        return lookup_class(name_or_id, self.sub_names, "subclass")
 
     def super_id(self, name_or_id: str | int) -> int:
-        return _lookup(name_or_id, self.super_names, "superclass")
+        return lookup_class(name_or_id, self.super_names, "superclass")
 
     # ---- (de)serialisation: plain JSON types -------------------------------------------------
     def to_dict(self) -> dict:
@@ -104,7 +103,8 @@ class Hierarchy:
         return f"Hierarchy({self.num_sub} {sub} classes under {self.num_super} {sup} classes)"
 
 
-def _lookup(name_or_id: str | int, names: list[str], what: str) -> int:
+def lookup_class(name_or_id: str | int, names: list[str], what: str) -> int:
+    """A class id from its name (exact, then case-insensitive) or its id; an unknown name names close matches."""
     if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.lstrip("-").isdigit()
                                        and name_or_id not in names):
         i = int(name_or_id)
@@ -116,6 +116,4 @@ def _lookup(name_or_id: str | int, names: list[str], what: str) -> int:
     lower = {n.lower(): k for k, n in enumerate(names)}
     if name_or_id.lower() in lower:
         return lower[name_or_id.lower()]
-    close = difflib.get_close_matches(name_or_id, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise EfditError(f"unknown {what} {name_or_id!r}{hint}")
+    raise EfditError(f"unknown {what} {name_or_id!r}{did_you_mean(name_or_id, names)}")

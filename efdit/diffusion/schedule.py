@@ -7,6 +7,7 @@ them into tensors. Respacing keeps a subset of the original timesteps and recomp
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -35,7 +36,15 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     "250": 250 steps spread evenly (per section, as IDDPM); "10,15,20": three equal sections with that many
     steps each; "ddim50": DDIM striding, t = 0, s, 2s, ... with the integer stride s = T // 50.
     """
+    bad = ValueError(f'timestep respacing must be a positive integer or a respacing such as "ddim50", '
+                     f'got {section_counts!r}')
+    if isinstance(section_counts, str) and not re.fullmatch(r"(ddim)?[1-9][0-9]*|[1-9][0-9]*(,[1-9][0-9]*)+",
+                                                            section_counts.strip()):
+        raise bad
+    if isinstance(section_counts, int) and section_counts < 1:
+        raise bad
     if isinstance(section_counts, str):
+        section_counts = section_counts.strip()
         if section_counts.startswith("ddim"):
             want = int(section_counts[len("ddim"):])
             for stride in range(1, num_timesteps):

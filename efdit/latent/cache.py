@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import LabelSummary
 from ..data.hierarchy import Hierarchy
-from ..errors import EfditError
+from ..errors import EfditError, EfditWarning
 from .autoencoder import Autoencoder
 
 FORMAT = "efdit-latent-cache"
@@ -129,7 +129,8 @@ def cache_latents(dataset, autoencoder: Autoencoder, out_dir: str | os.PathLike,
             if not parts["sub"]:
                 raise EfditError(f"shard {i} of {out} (items {start}..{stop - 1}) has no readable image")
             if skipped:
-                warnings.warn(f"shard {i}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+                warnings.warn(f"shard {i}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]} (all of them: "
+                              f"the shard's 'skipped' metadata)", EfditWarning)
             tensors = {k: torch.cat(v) for k, v in parts.items()}
             save_safetensors(out / shard_name(i), tensors,
                              extra_metadata={"shard": str(i), "start": str(start), "stop": str(stop),

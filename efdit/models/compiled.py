@@ -15,6 +15,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..errors import EfditWarning
+
 
 class CompiledModel:
     def __init__(self, model: nn.Module, **compile_kwargs):
@@ -29,7 +31,7 @@ class CompiledModel:
         self.compiled = None
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         warnings.warn(f"torch.compile failed ({type(e).__name__}: {reason}); running the eager model",
-                      RuntimeWarning, stacklevel=3)
+                      EfditWarning, stacklevel=3)
 
     @property
     def is_compiled(self) -> bool:

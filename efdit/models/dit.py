@@ -12,7 +12,6 @@ Departures from the reference code, all backwards compatible with its checkpoint
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn as nn

@@ -18,24 +18,30 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..d2it.config import D2itConfig, run_dir_of
+from ..d2it.data import load_d2it_dataset, to_signed
+from ..d2it.grains import (
+    compute_thresholds,
+    grain_map,
+    load_thresholds,
+    region_entropy,
+    save_json,
+    threshold_for,
+    thresholds_path,
+)
 from ..diffusion import create_diffusion
 from ..errors import EfditError
 from ..models.checkpoint import load_safetensors, save_safetensors
 from ..models.dit import DiT, count_params
-from .config import D2itConfig, run_dir_of
-from .data import load_d2it_dataset, to_signed
-from .grains import compute_thresholds, grain_map, load_thresholds, region_entropy, save_json, threshold_for, \
-    thresholds_path
+from .paths import cache_dir
 
 STAGES = ("prepare", "dvae", "latents", "dgt", "dct", "dit")
-CACHE = Path(os.environ.get("EFDIT_CACHE", ".cache/efdit"))
 LATENT_IMAGES = 20_000   # stage-2 training images (encoded once); the DGT uses every train image
 
 
@@ -134,7 +140,7 @@ def get_thresholds(cfg: D2itConfig, train_images: torch.Tensor, progress: bool =
     """Dataset thresholds: read from the cache, or computed once on the train split and cached.
     Returns (thresholds dict, train entropies or None when read from the cache)."""
     spec = cfg.entropy_spec()
-    path = thresholds_path(CACHE, cfg.data.dataset + (f"-c{cfg.data.channels}" if cfg.data.channels else ""),
+    path = thresholds_path(cache_dir(), cfg.data.dataset + (f"-c{cfg.data.channels}" if cfg.data.channels else ""),
                            cfg.data.image_size, spec)
     if path.is_file():
         return load_thresholds(path, spec), None
@@ -173,7 +179,7 @@ def load_prepared(cfg: D2itConfig, run_dir: Path):
 
 # ---- stage: DVAE ----------------------------------------------------------------------------------------
 def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
-    from .dvae import build_dvae
+    from ..d2it.dvae import build_dvae
     train_ds, _ = datasets(cfg)
     th, ent_train, _ = load_prepared(cfg, run_dir)
     ratios = [float(r) for r in cfg.dvae.train_ratios.split(",")]
@@ -207,7 +213,7 @@ def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
 
 
 def load_dvae(cfg: D2itConfig, run_dir: Path):
-    from .dvae import build_dvae
+    from ..d2it.dvae import build_dvae
     tensors, meta = load_stage(run_dir / "dvae.safetensors")
     cfg = D2itConfig.from_dict(meta["config"])   # the architecture the file was trained with
     model = build_dvae(cfg, meta["in_channels"])
@@ -243,7 +249,7 @@ def load_latents(run_dir: Path):
 
 # ---- stage: DGT -----------------------------------------------------------------------------------------
 def stage_dgt(cfg: D2itConfig, run_dir: Path, progress: bool = True):
-    from .dgt import build_dgt, grain_loss
+    from ..d2it.dgt import build_dgt, grain_loss
     train_ds, _ = datasets(cfg)
     th, ent_train, _ = load_prepared(cfg, run_dir)
     grain = grain_map(ent_train, threshold_for(th, cfg.grains.r_fine))
@@ -267,14 +273,14 @@ def stage_dgt(cfg: D2itConfig, run_dir: Path, progress: bool = True):
 
 
 def load_dgt(cfg: D2itConfig, run_dir: Path):
-    from .dgt import build_dgt
+    from ..d2it.dgt import build_dgt
     return load_stage_model(run_dir, "dgt", lambda c, m: build_dgt(c, m["num_classes"]))
 
 
 # ---- stage: DCT -----------------------------------------------------------------------------------------
 def stage_dct(cfg: D2itConfig, run_dir: Path, progress: bool = True):
-    from .dct import build_dct
-    from .multigrain import training_losses
+    from ..d2it.dct import build_dct
+    from ..d2it.multigrain import training_losses
     lat = load_latents(run_dir)
     z, grain, labels = lat["z"], lat["grain"], lat["labels"]
     d = cfg.dct
@@ -298,7 +304,7 @@ def stage_dct(cfg: D2itConfig, run_dir: Path, progress: bool = True):
 
 
 def load_dct(cfg: D2itConfig, run_dir: Path):
-    from .dct import build_dct
+    from ..d2it.dct import build_dct
     return load_stage_model(run_dir, "dct", lambda c, m: build_dct(c, m["in_channels"], m["num_classes"]))
 
 

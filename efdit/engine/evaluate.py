@@ -1,4 +1,4 @@
-"""`efdit evaluate`: class-balanced samples of a model against a real split, with the real-vs-real floor.
+"""Evaluating a model: class-balanced samples against a real split, with the real-vs-real floor.
 
 Metrics (all on the same class-balanced protocol, N per subclass):
   FD-EffNetLite0   Fréchet distance of EfficientNet-Lite0 pooled features (not FID: not comparable with Inception)
@@ -11,22 +11,19 @@ extractor's weight hash; `metrics.json` records that key, and comparing files wi
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import Config, apply_overrides, parse_override_args
+from ..config import Config, apply_overrides
 from ..data.hierarchy import Hierarchy
-from ..errors import EfditError
-
-CACHE = Path(os.environ.get("EFDIT_CACHE", ".cache/efdit"))
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from ..errors import EfditError, atomic_write
+from .datasets import load_data
+from .paths import ASSETS, cache_dir
 
 
 def pixel_config(cfg: Config) -> Config:
@@ -37,7 +34,6 @@ def pixel_config(cfg: Config) -> Config:
 
 def real_subset(cfg: Config, split: str, n_per_class: int, seed: int):
     """uint8 images (n_per_class per subclass) and their subclass labels from a split of the config's dataset."""
-    from ..train import load_data
     ds = load_data(cfg, split)
     sub = in_memory(ds.subset_per_class(n_per_class, seed=seed))
     return sub.images, sub.sub_labels, ds.hierarchy
@@ -54,29 +50,26 @@ CLASSIFIER_PER_CLASS, CLASSIFIER_IMAGES = 100, 20_000
 
 
 def _extractor():
-    from .features import FeatureExtractor
+    from ..metrics.features import FeatureExtractor
     return FeatureExtractor()
 
 
 def features_cached(images: torch.Tensor, key: str, extractor, resolution: int, progress: bool) -> np.ndarray:
-    path = CACHE / "features" / f"{key}.npy"
+    path = cache_dir() / "features" / f"{key}.npy"
     if path.is_file():
         return np.load(path)
     feats = extractor.extract(images, resolution=resolution, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    with atomic_write(path, "cached features") as tmp:
+        np.save(tmp, feats)
     return feats
 
 
 def get_classifier(cfg: Config, progress: bool):
     """The dataset's evaluation classifier: shipped (fmnist) or trained once on the real train split and cached."""
-    from .classifier import load_classifier, load_or_train_classifier
+    from ..metrics.classifier import load_classifier, load_or_train_classifier
     shipped = ASSETS / f"{cfg.data.dataset}-classifier.safetensors"
     if shipped.is_file() and not cfg.data.image_size and not cfg.data.channels:
         return load_classifier(shipped)
-    from ..train import load_data
     ds = load_data(cfg, "train")
     name = f"{cfg.data.dataset}-{ds.image_size[0]}x{ds.image_size[1]}x{ds.num_channels}"
     if not hasattr(ds, "images"):  # file-backed (iNat, VegFru): a class-balanced part of the train split, decoded
@@ -84,17 +77,17 @@ def get_classifier(cfg: Config, progress: bool):
         ds = ds.subset_per_class(per_class, seed=0, allow_fewer=True).to_memory(progress)
         name += f"-n{per_class}"
         print(f"evaluation classifier: up to {per_class} train images per subclass ({len(ds):,} in all)")
-    print(f"training the {cfg.data.dataset} evaluation classifier once (cached in {CACHE / 'classifiers'})")
-    return load_or_train_classifier(CACHE / "classifiers" / f"{name}.safetensors", ds.images, ds.sub_labels,
+    print(f"training the {cfg.data.dataset} evaluation classifier once (cached in {cache_dir() / 'classifiers'})")
+    return load_or_train_classifier(cache_dir() / "classifiers" / f"{name}.safetensors", ds.images, ds.sub_labels,
                                     ds.hierarchy, progress=progress)
 
 
 def score(gen_feats, ref_feats, gen_images, gen_sub_labels, classifier, hierarchy: Hierarchy,
           kid_subset: int = 1000) -> dict:
-    from .classifier import accuracy_report
-    from .fd import frechet_distance_from_features
-    from .kid import kernel_distance
-    from .prdc import precision_recall
+    from ..metrics.classifier import accuracy_report
+    from ..metrics.fd import frechet_distance_from_features
+    from ..metrics.kid import kernel_distance
+    from ..metrics.prdc import precision_recall
     kid = kernel_distance(ref_feats, gen_feats, subset_size=min(kid_subset, len(gen_feats), len(ref_feats)))
     pr = precision_recall(ref_feats, gen_feats, k=3)
     out = {"fd_effnetlite0": frechet_distance_from_features(gen_feats, ref_feats), "kid": kid.mean,
@@ -106,7 +99,7 @@ def score(gen_feats, ref_feats, gen_images, gen_sub_labels, classifier, hierarch
 
 
 def reference_id(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int) -> str:
-    from .features import weights_sha256
+    from ..metrics.features import weights_sha256
     d = cfg.data
     size = f"{d.image_size}" if d.image_size else "native"
     return f"{d.dataset}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}-effnet{weights_sha256()}"
@@ -133,7 +126,7 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
                    out_json: Path | None = None, device="cpu", images: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None) -> dict:
     """Sample class-balanced (or score the given images/labels), compute the metrics and the floor."""
-    from ..sample import class_labels, generate, guidance_of
+    from .generate import class_labels, generate, guidance_of
     t0 = time.time()
     data_cfg = pixel_config(cfg)
     classifier, cmeta = get_classifier(data_cfg, progress)
@@ -149,7 +142,7 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
     sub_labels = labels if cfg.model.condition_on == "sub" else None
     metrics = score(gen_feats, ref_feats, images, sub_labels, classifier, hierarchy)
     if cfg.model.condition_on == "super":  # a superclass model: coarse accuracy of its samples only
-        from .classifier import classify
+        from ..metrics.classifier import classify
         _, coarse = classify(classifier, images)
         metrics["coarse_acc"] = float((torch.as_tensor(coarse) == labels).float().mean())
     g = guidance_of(cfg)
@@ -163,12 +156,15 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
         "seconds": round(time.time() - t0, 1), "sampling_seconds": round(t_sample, 1),
     }
     if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_name(f".{out_json.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out_json)
+        write_json(out_json, record)
     return record
+
+
+def write_json(path: str | Path, record: dict) -> Path:
+    """metrics.json and its kin, written atomically."""
+    with atomic_write(path, "the metrics") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return Path(path)
 
 
 def compare(a: dict, b: dict) -> list[tuple[str, float, float]]:
@@ -194,25 +190,7 @@ def table_rows(record: dict) -> list[list[str]]:
     return rows
 
 
-def demo_metrics(model, cfg: Config, hierarchy: Hierarchy, run_dir: Path, progress: bool = True,
-                 n_per_class: int = 20) -> list:
-    from ..models.checkpoint import file_sha256
-    record = evaluate_model(model, cfg, hierarchy, n_per_class=n_per_class, progress=progress,
-                            model_sha=file_sha256(run_dir / "train" / "model.safetensors"),
-                            out_json=run_dir / "metrics.json")
-    c = record["classifier"]
-    return [("heading", "Metrics"),
-            ("text", f"{record['n']} samples ({n_per_class} per subclass, {record['sampler']} {record['steps']} steps, "
-                     f"{record['guidance']} guidance ×{record['cfg_scale']}) against {n_per_class} real test images "
-                     f"per subclass; features at {record['resolution']}px. The floor is real train images under the "
-                     f"same protocol. The classifier's own test accuracy: fine {c['test_acc']:.1%}, coarse "
-                     f"{c['test_coarse_acc']:.1%}." if c.get("test_acc") is not None else
-                     f"{record['n']} samples against the real test split."),
-            ("table", (["metric", "model", "real-vs-real floor"], table_rows(record))),
-            ("text", f"reference: {record['reference_id']}; metrics.json beside this report.")]
-
-
-def _inception(images: torch.Tensor, cfg: Config, weights: str, split: str, n_per_class: int, seed: int) -> dict:
+def inception_metrics(images: torch.Tensor, cfg: Config, weights: str, split: str, n_per_class: int, seed: int) -> dict:
     """FID / IS with Inception-v3 through torch-fidelity, from a local weights file only."""
     if not Path(weights).is_file():
         raise EfditError(f"Inception weights not found: {weights} (torch-fidelity's "
@@ -233,56 +211,3 @@ def _inception(images: torch.Tensor, cfg: Config, weights: str, split: str, n_pe
     out = torch_fidelity.calculate_metrics(input1=_Images(images), input2=_Images(ref), fid=True, isc=True,
                                            feature_extractor_weights_path=weights, verbose=False, cuda=False)
     return {"fid_inception": float(out["frechet_inception_distance"]), "is_inception": float(out["inception_score_mean"])}
-
-
-def main(argv: list[str]) -> int:
-    from ..models.dit import resolve_device
-    from ..runs import load_model
-    p = argparse.ArgumentParser(prog="efdit evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("model", nargs="?", help="an efdit model file or run directory")
-    p.add_argument("--npz", default="", help="score these samples (efdit sample's samples.npz) instead of sampling")
-    p.add_argument("--n-per-class", type=int, default=100)
-    p.add_argument("--split", default="test")
-    p.add_argument("--resolution", type=int, default=64, help="feature-extractor input size")
-    p.add_argument("--out", default="", help="metrics.json path (default: beside the model)")
-    p.add_argument("--compare", nargs=2, metavar="METRICS_JSON", help="compare two metrics.json files")
-    p.add_argument("--inception-weights", default="", help="a local Inception-v3 weights file for FID / IS")
-    p.add_argument("--no-progress", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    if args.compare:
-        a, b = (json.loads(Path(f).read_text()) for f in args.compare)
-        for k, x, y in compare(a, b):
-            print(f"{k:20s} {x:10.4f} {y:10.4f}")
-        return 0
-    if not args.model:
-        p.error("a model (or --compare A B) is required")
-    path = Path(args.model)
-    path = path / "model.safetensors" if path.is_dir() else path
-    device = resolve_device(os.environ.get("EFDIT_DEVICE", "auto"))
-    model, cfg, h, meta = load_model(path, device)
-    from ..cli import sample_overrides
-    from ..runs import apply_attention
-    apply_overrides(cfg, sample_overrides(parse_override_args(rest)))
-    apply_attention(model, cfg)
-    images = labels = None
-    if args.npz:
-        data = np.load(args.npz)
-        images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous()
-        labels = torch.from_numpy(data["labels"]).long()
-    out = Path(args.out) if args.out else path.parent / "metrics.json"
-    record = evaluate_model(model, cfg, h, n_per_class=args.n_per_class, split=args.split,
-                            resolution=args.resolution, progress=not args.no_progress, model_sha=meta["sha256"],
-                            out_json=out, device=device, images=images, labels=labels)
-    if args.inception_weights:
-        if images is None:
-            from ..sample import class_labels, generate
-            labels = class_labels(cfg, h, None, args.n_per_class)
-            images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
-        record["metrics"].update(_inception(images, pixel_config(cfg), args.inception_weights, args.split,
-                                            args.n_per_class, 0))
-        out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'metric':26s} {'model':>10s} {'floor':>10s}")
-    for name, m, f in table_rows(record):
-        print(f"{name:26s} {m:>10s} {f:>10s}")
-    print(f"-> {out}")
-    return 0

@@ -17,15 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .errors import EfditError
+from ..data import Hierarchy, build_dataset
+from ..diffusion import create_diffusion
+from ..diffusion.samplers import SAMPLERS
+from ..engine.d2it_pipeline import D2iTPipeline
+from ..engine.files import read_metadata
+from ..engine.generate import StepProgress
+from ..errors import EfditError
 
 D2IT_STAGES = ("dvae", "dgt", "dct")
 
 
 def run_hierarchy(run_dir: Path, cfg) -> tuple:
     """-> (Hierarchy, where it came from) of a D²iT run: the first stage file that stores one, else its dataset."""
-    from .data import Hierarchy, build_dataset
-    from .web import read_metadata
     for stage in ("dgt", "dvae", "dct"):
         path = run_dir / f"{stage}.safetensors"
         if path.is_file() and read_metadata(path).get("hierarchy"):
@@ -45,8 +49,6 @@ class D2iTServed:
     label_space = "sub"   # the DGT and DCT are conditioned on subclass ids
 
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
-        from .d2it.pipeline import D2iTPipeline
-        from .diffusion import create_diffusion
         self.path = Path(run_dir)
         self.pipe = D2iTPipeline(self.path)
         self.cfg = self.pipe.cfg                                      # D2itConfig; its .sample holds the defaults
@@ -65,8 +67,7 @@ class D2iTServed:
         return (["cfg"] if self.pipe.dct.y_embedder.has_null else []) + ["none"]
 
     def samplers(self) -> list[str]:
-        from .web import available_samplers
-        return available_samplers()   # the DCT samples through efdit's `sample`: every sampler it has
+        return list(SAMPLERS)   # the DCT samples through efdit's `sample`: every sampler it has
 
     def defaults(self) -> dict:
         s = self.cfg.sample
@@ -102,8 +103,6 @@ class D2iTServed:
 
     def generate(self, labels: torch.Tensor, s, progress=None):
         """-> (uint8 images (N, C, H, W), grain maps (N, h, w)) for a config from `configure`."""
-        from .diffusion import create_diffusion
-        from .web import StepProgress
         total = create_diffusion(s.steps).num_timesteps
         hooks = [StepProgress(total, progress)] if progress is not None else []
         try:

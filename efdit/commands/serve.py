@@ -4,7 +4,7 @@ Pick a superclass, then one of its subclasses (the lists come from the hierarchy
 set guidance, steps, sampler, seed and the HRIG / acceleration options the installed efdit knows, and
 Generate: the chosen class's samples, and one sample of every subclass of the superclass side by side.
 
-D²iT run folders are served too (`efdit.web_backends.D2iTServed`): each image is shown beside its grain map,
+D²iT run folders are served too (`efdit.commands.serve_d2it.D2iTServed`): each image is shown beside its grain map,
 and the options D²iT lacks (HRIG, block caches) are hidden.
 
 Everything that decides what is sampled lives in plain functions (`ServedModel`, `validate`, `generate_for`)
@@ -14,8 +14,6 @@ one-line message in the page's status box, never a traceback. Gradio is imported
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import threading
@@ -26,7 +24,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import EfditError
+from ..config import SampleConfig, apply_overrides
+from ..diffusion.hooks.cache import ACCEL
+from ..diffusion.samplers import SAMPLERS
+from ..engine.build import apply_attention, build_diffusion
+from ..engine.files import is_d2it, is_d2it_run, load_model, read_metadata
+from ..engine.generate import StepProgress, generate, guidance_of
+from ..engine.paths import model_file
+from ..errors import EfditError
+from ..models.dit import resolve_device
+from .options import Parser, port
 
 MAX_SCALE = 20.0      # guidance scales outside [0, MAX_SCALE] are refused
 MAX_IMAGES = 16       # images of the chosen class per request
@@ -39,8 +46,8 @@ CSS = "#samples img, #siblings img { image-rendering: pixelated; object-fit: con
 
 # ---- the model behind the page ------------------------------------------------------------------------------
 def find_checkpoint(run: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None) -> Path:
-    """The model file of `--ckpt FILE` or of `--run DIR` (DIR/model.safetensors, or DIR/train/… as `efdit demo`
-    writes it); a D²iT run folder is returned as the folder (`open_model` serves it)."""
+    """The model file of `--ckpt FILE` or of `--run DIR` (paths.model_file); a D²iT run folder is returned as the
+    folder (`open_model` serves it)."""
     if ckpt:
         path = Path(ckpt)
         if path.is_dir():
@@ -51,79 +58,23 @@ def find_checkpoint(run: str | os.PathLike | None = None, ckpt: str | os.PathLik
     if not run:
         raise EfditError("no checkpoint: give --run RUN_DIR or --ckpt FILE")
     run = Path(run)
-    if run.is_file():
+    if run.is_dir() and is_d2it_run(run):
         return run
-    if not run.is_dir():
-        raise EfditError(f"run folder not found: {run}")
-    if is_d2it_run(run):
-        return run
-    looked = [run / "model.safetensors", run / "train" / "model.safetensors"]
-    for p in looked:
-        if p.is_file():
-            return p
-    hint = ""
-    if (run / "checkpoints" / "latest.safetensors").is_file() or (run / "train" / "checkpoints").is_dir():
-        hint = f" (a run still training? `efdit export {run} model.safetensors` writes a model file)"
-    raise EfditError(f"no model file in {run}: looked for {', '.join(str(p) for p in looked)}{hint}")
-
-
-def read_metadata(path: Path) -> dict:
-    """The JSON metadata of an efdit model file, without reading its tensors."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise EfditError(f"cannot read {path} as safetensors: {e}") from None
-    meta = json.loads(raw["config"]) if "config" in raw else {}
-    return {**{k: v for k, v in raw.items() if k != "config"}, **meta}
-
-
-def is_d2it(meta: dict) -> bool:
-    """D²iT model files say so in their metadata (`kind`/`model` "d2it", or a `d2it` section)."""
-    tags = {str(meta.get(k, "")).lower().replace("²", "2") for k in ("kind", "model", "model_type", "family")}
-    return "d2it" in meta or any(t.startswith("d2it") for t in tags)
-
-
-def is_d2it_run(run: Path) -> bool:
-    """A D²iT run folder: stage files (dvae / dgt / dct .safetensors) or a config with those sections."""
-    if any((run / f"{stage}.safetensors").is_file() for stage in ("dvae", "dgt", "dct")):
-        return True
-    try:
-        return {"dvae", "dgt", "dct"} <= set(json.loads((run / "config.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        return False
+    return model_file(run)
 
 
 def available_samplers() -> list[str]:
-    """ddpm and ddim always; others (e.g. dpmpp2m) when the installed efdit.diffusion.samplers has them."""
-    import inspect
-    from .diffusion import samplers
-    declared = getattr(samplers, "SAMPLERS", None) or getattr(samplers, "METHODS", None)
-    if declared:
-        return [str(s) for s in declared]
-    names = ["ddpm", "ddim"]
-    try:
-        source = inspect.getsource(samplers.sample)
-    except (OSError, TypeError):
-        source = ""
-    if "dpmpp2m" in source or any(hasattr(samplers, n) for n in ("dpmpp2m", "dpmpp2m_step", "sample_dpmpp2m")):
-        names.append("dpmpp2m")
-    return names
+    """The samplers efdit has (ddpm, ddim, dpmpp2m, …), as the page offers them."""
+    return list(SAMPLERS)
 
 
 def extra_sample_options() -> dict[str, object]:
-    """The HRIG / acceleration fields of the installed SampleConfig -> their defaults."""
-    from .config import SampleConfig
+    """The HRIG / acceleration fields of SampleConfig -> their defaults."""
     return {f.name: getattr(SampleConfig(), f.name) for f in fields(SampleConfig) if f.name in EXTRA_SAMPLE_FIELDS}
 
 
-def accel_choices() -> list[str] | None:
-    """The block caches of the installed efdit (none, fora, …), or None where it has no registry of them."""
-    try:
-        from .diffusion.hooks.cache import ACCEL
-    except ImportError:
-        return None
+def accel_choices() -> list[str]:
+    """The block caches (none, fora, …)."""
     return ["none", *ACCEL]
 
 
@@ -136,7 +87,6 @@ class ServedModel:
     """A loaded model file: the model, its config and hierarchy, and what the page offers for it."""
 
     def __init__(self, path: Path, device: str = "cpu"):
-        from .runs import load_model
         self.path = Path(path)
         meta = read_metadata(self.path)
         if is_d2it(meta):  # open_model serves the run folder of a stage file
@@ -189,7 +139,7 @@ def open_model(path: str | os.PathLike, device: str = "cpu"):
     if path.is_file() and is_d2it(read_metadata(path)) and (path.parent / "config.json").is_file():
         path = path.parent
     if path.is_dir() and is_d2it_run(path):
-        from .web_backends import D2iTServed
+        from .serve_d2it import D2iTServed
         return D2iTServed(path, device)
     return ServedModel(path, device)
 
@@ -214,7 +164,6 @@ def validate(served, req: Request):
 
     Every refusal is an EfditError with a message meant for the page."""
     import copy
-    from .config import apply_overrides
     if served is None:
         raise EfditError("no checkpoint loaded: start with `efdit serve --run RUN_DIR` (or --ckpt FILE), "
                          "or load a model file below")
@@ -278,29 +227,10 @@ def validate(served, req: Request):
     return cfg, labels, captions, n
 
 
-class StepProgress:
-    """A sampler hook that reports each step to a callback(done, total)."""
-    granularity = None
-
-    def __init__(self, total: int, callback):
-        self.total, self.callback = total, callback
-
-    def reset(self):
-        pass
-
-    def on_step_begin(self, step_index: int, t):
-        self.callback(step_index, self.total)
-
-    def on_step(self, state):
-        return state
-
-
 def generate_for(served, req: Request, progress=None):
     """-> (images of the chosen class, one image per sibling class, status line); images as (PIL, caption).
 
     D²iT models also give grain maps: each image is followed by its map."""
-    from .runs import apply_attention, build_diffusion
-    from .sample import generate, guidance_of
     cfg, labels, captions, n = validate(served, req)
     t0 = time.time()
     with served.lock:
@@ -405,7 +335,7 @@ def build_app(served, device: str = "cpu", allow_load: bool = True):
                 extra_boxes = []
                 with gr.Accordion("HRIG / acceleration", open=False, visible=bool(extras)) as options:
                     for k, default in extras.items():
-                        if k == "accel" and accel_choices():
+                        if k == "accel":
                             box = gr.Dropdown(accel_choices(), value=str(default), label="sample.accel "
                                               "(training-free block cache)", elem_id=f"opt-{k}")
                         else:
@@ -477,7 +407,6 @@ def serve(run: str | None = None, ckpt: str | None = None, host: str = "127.0.0.
           device: str | None = None, block: bool = True):
     """Load the model (if given) and start the server. Returns the Gradio app (running in the background when
     `block` is False)."""
-    from .models.dit import resolve_device
     import importlib.util
     path = find_checkpoint(run, ckpt) if (run or ckpt) else None
     if importlib.util.find_spec("gradio") is None:
@@ -497,7 +426,7 @@ def serve(run: str | None = None, ckpt: str | None = None, host: str = "127.0.0.
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="efdit serve", description="A local web page to browse a model's hierarchy "
+    p = Parser(prog="efdit serve", description="A local web page to browse a model's hierarchy "
                                 "and sample it (needs efdit[web]).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", help="a run folder holding model.safetensors (e.g. runs/demo), or a D²iT run "
@@ -505,10 +434,9 @@ def main(argv: list[str]) -> int:
     src.add_argument("--ckpt", help="an efdit model file (.safetensors)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: $EFDIT_DEVICE or auto)")
+    p.add_argument("--port", type=port, default=7860)
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="auto | cpu | cuda (default: $EFDIT_DEVICE or auto)")
     args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        raise EfditError(f"--port must be from 1 to 65535, not {args.port}")
     serve(args.run, args.ckpt, args.host, args.port, args.device, block=True)
     return 0

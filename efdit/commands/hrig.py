@@ -8,27 +8,23 @@ come from HRIG, not from a different draw; the first row is always HRIG off.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import EfditError
+from ..config import apply_overrides, parse_override_args
+from ..engine.build import apply_attention
+from ..engine.datasets import load_data
+from ..engine.evaluate import METRIC_NAMES, evaluate_model, write_json
+from ..engine.files import load_model
+from ..engine.paths import model_file
+from ..errors import EfditError, atomic_write
+from .options import Parser, positive, positive_int, sample_overrides, writable
 
 DEFAULT_SPECS = ["gain=-0.5", "gain=-0.3", "gain=-0.1", "gain=0.3", "gain=0.5", "gain=1"]
-
-
-def _model_path(run: str) -> Path:
-    path = Path(run)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise EfditError(f"no model file at {path} (give a run directory holding model.safetensors, or the file)")
-    return path
 
 
 REFINER_ITEMS = 4096  # training items drawn from a dataset that is not held in memory
@@ -37,10 +33,8 @@ REFINER_ITEMS = 4096  # training items drawn from a dataset that is not held in 
 def train_refiner_for(run: str, steps: int = 600, r: float = 2.0, hidden: int = 32, depth: int = 3,
                       out: str = "", seed: int = 0) -> Path:
     """Self-supervised refiner on the run's training images (in the model's [-1, 1] space)."""
-    from .diffusion.hooks.hrig import train_refiner
-    from .runs import load_model
-    from .train import load_data
-    path = _model_path(run)
+    from ..diffusion.hooks.hrig import train_refiner
+    path = model_file(run)
     _, cfg, _, meta = load_model(path)
     data = load_data(cfg, "train")
     if hasattr(data, "images"):
@@ -61,16 +55,19 @@ def train_refiner_for(run: str, steps: int = 600, r: float = 2.0, hidden: int = 
 
 def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", progress: bool = True,
           overrides: dict | None = None) -> Path:
-    from .config import apply_overrides
-    from .metrics.evaluate import METRIC_NAMES, evaluate_model
-    from .runs import apply_attention, load_model
-    path = _model_path(run)
+    from ..engine.generate import hrig_hooks
+    path = model_file(run)
+    out = writable(Path(out_dir) if out_dir else path.parent / "hrig-sweep", "sweep folder")
     model, cfg, h, meta = load_model(path)
     if overrides:
         apply_overrides(cfg, overrides)
         apply_attention(model, cfg)
-    out = Path(out_dir) if out_dir else path.parent / "hrig-sweep"
-    out.mkdir(parents=True, exist_ok=True)
+    for spec in specs:   # every spec parses before the first row is sampled
+        cfg.sample.hrig = spec
+        try:
+            hrig_hooks(cfg)
+        except EfditError as e:
+            raise EfditError(f"--specs: {e}") from None
     rows = []
     for i, spec in enumerate([""] + specs):
         cfg.sample.hrig = spec
@@ -80,9 +77,7 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
             rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, progress=progress,
                                  model_sha=meta["sha256"])
             rec["hrig"] = spec
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            tmp.write_text(json.dumps(rec, indent=1))
-            os.replace(tmp, dst)
+            write_json(dst, rec)
         m = rec["metrics"]
         rows.append([f"`{spec}`" if spec else "off"] + [fmt.format(m[k]) if k in m else "—"
                                                         for k, _, fmt in METRIC_NAMES] + [f"{rec.get('sampling_seconds', 0):.0f}"])
@@ -100,9 +95,8 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
             f"{cfg.model.attn_backend}. Unset keys take HRIG's defaults (band 259:673 as SNR [1e-2, 1), r=2, "
             f"cutoff=0.25, gaussian mask, bicubic E).\n\n" + "\n".join(lines) + "\n")
     dst = out / "sweep.md"
-    tmp = out / ".sweep.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, dst)
+    with atomic_write(dst, "the sweep table") as tmp:
+        tmp.write_text(text)
     print(text)
     return dst
 
@@ -119,19 +113,18 @@ def _reusable(path: Path, spec: str, sha: str, n_per_class: int, cfg) -> dict | 
 
 
 def main(argv: list[str]) -> int:
-    from .config import parse_override_args
-    p = argparse.ArgumentParser(prog="efdit hrig", description=__doc__.split("\n")[0])
+    p = Parser(prog="efdit hrig", description=__doc__.split("\n")[0].strip("`"))
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train-refiner", help="train the learned enhancer E on the run's training images")
     t.add_argument("run")
-    t.add_argument("--steps", type=int, default=600)
-    t.add_argument("--r", type=float, default=2.0)
-    t.add_argument("--hidden", type=int, default=32)
+    t.add_argument("--steps", type=positive_int, default=600)
+    t.add_argument("--r", type=positive, default=2.0)
+    t.add_argument("--hidden", type=positive_int, default=32)
     t.add_argument("--out", default="")
     s = sub.add_parser("sweep", help="evaluate HRIG specs (';'-separated) against HRIG off, same noise")
     s.add_argument("run")
     s.add_argument("--specs", default=";".join(DEFAULT_SPECS))
-    s.add_argument("--n-per-class", type=int, default=20)
+    s.add_argument("--n-per-class", type=positive_int, default=20)
     s.add_argument("--out", default="")
     s.add_argument("--no-progress", action="store_true")
     args, rest = p.parse_known_args(argv)
@@ -141,7 +134,6 @@ def main(argv: list[str]) -> int:
             raise EfditError(f"unknown options for train-refiner: {' '.join(rest)}")
         train_refiner_for(args.run, args.steps, args.r, args.hidden, out=args.out)
     else:
-        from .cli import sample_overrides
         specs = [x.strip() for x in args.specs.split(";") if x.strip()]
         sweep(args.run, specs, args.n_per_class, args.out, not args.no_progress,
               sample_overrides(parse_override_args(rest)))

@@ -10,15 +10,17 @@ Variants whose training config is the same (they differ only in sampling, e.g. +
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from .config import build_config, parse_override_args
-from .errors import EfditError
-from .report import read_log
+from ..config import build_config, parse_override_args
+from ..engine.evaluate import METRIC_NAMES, evaluate_model
+from ..engine.files import load_model
+from ..engine.train import train
+from ..engine.trainlog import read_log
+from ..errors import EfditError, atomic_write
+from .options import parser, positive_int
 
 PEFT_VARIANTS: dict[str, dict] = {
     "flat + null CFG, full": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full",
@@ -69,9 +71,6 @@ def training_key(cfg) -> str:
 
 def run_ablation(preset: str, out_dir: Path, variants: dict[str, dict], overrides: dict, n_per_class: int,
                  progress: bool) -> Path:
-    from .metrics.evaluate import METRIC_NAMES, evaluate_model
-    from .runs import load_model
-    from .train import train
     rows, floor, trained = [], None, {}
     for name, variant in variants.items():
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
@@ -109,9 +108,8 @@ def run_ablation(preset: str, out_dir: Path, variants: dict[str, dict], override
             f"against the real test split.\n\n" + "\n".join(lines) + "\n")
     out = out_dir / "ablation.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".ablation.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    with atomic_write(out, "the ablation table") as tmp:
+        tmp.write_text(text)
     print(text)
     return out
 
@@ -123,15 +121,18 @@ def _fmt(v, key, fmt) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="efdit ablate", description=__doc__.split("\n")[0])
-    p.add_argument("preset", nargs="?", default="fmnist-finetune")
+    p = parser("ablate", __doc__.split("\n")[0].strip("`"))
+    p.usage = "efdit ablate [PRESET] [options] [--key value ...]   (PRESET: default fmnist-finetune)"
     p.add_argument("--out", default="", help="output folder (default runs/ablate-<preset>)")
     p.add_argument("--set", default="peft", choices=sorted(VARIANT_SETS), help="variant set (default: peft)")
     p.add_argument("--variants", default="", help="';'-separated subset of the set's variant names")
     p.add_argument("--hrig", default=HRIG_SPEC, help=f"HRIG spec of the mechanisms set (default {HRIG_SPEC!r})")
-    p.add_argument("--n-per-class", type=int, default=50)
+    p.add_argument("--n-per-class", type=positive_int, default=50)
     p.add_argument("--no-progress", action="store_true")
+    # the preset is the first word if any (argparse would take a negative override value, `--lr -1`, for it)
+    preset, argv = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("fmnist-finetune", argv)
     args, rest = p.parse_known_args(argv)
+    args.preset = preset
     pool = mechanism_variants(args.hrig) if args.set == "mechanisms" else VARIANT_SETS[args.set]
     chosen = pool
     if args.variants:

@@ -13,7 +13,6 @@ reference) at the same n. Every generated row uses the same seed, sampler and st
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EfditError
+from .options import Parser
 
 
 def per_class_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def mean_pairwise_hamming(maps: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="efdit d2it table5", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="efdit d2it table5", description=__doc__.split("\n\n")[0])
     p.add_argument("run")
     p.add_argument("--n-per-class", type=int, default=50)
     p.add_argument("--steps", default="50", help="DDPM steps (respacing) for every generated row")
@@ -61,12 +61,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
+    from ..d2it.data import to_signed
+    from ..d2it.grains import grain_map, threshold_for
+    from ..data.base import to_uint8
+    from ..engine.d2it_pipeline import D2iTPipeline
+    from ..engine.d2it_train import datasets, load_prepared
+    from ..engine.pictures import save_pairs_grid
     from ..metrics.fd import frechet_distance_from_features
     from ..metrics.features import FeatureExtractor
-    from .data import to_signed
-    from .grains import grain_map, threshold_for
-    from .pipeline import D2iTPipeline, save_pairs_grid, to_uint8
-    from .train import datasets, load_prepared
 
     run = Path(args.run)
     pipe = D2iTPipeline(run, need=("dvae", "dgt", "dct", "dit"))

@@ -11,19 +11,15 @@ from pathlib import Path
 
 import torch
 
+from ..d2it.config import D2itConfig
+from ..data.base import to_uint8
 from ..diffusion import create_diffusion
 from ..errors import EfditError
-from .config import D2itConfig
-from .grains import map_image, overlay
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+from . import d2it_train as T
 
 
 class D2iTPipeline:
     def __init__(self, run_dir: str | Path, need=("dvae", "dgt", "dct")):
-        from . import train as T
         self.run_dir = Path(run_dir)
         if not (self.run_dir / "config.json").is_file():
             raise EfditError(f"{self.run_dir} is not a D²iT run directory (no config.json)")
@@ -42,7 +38,7 @@ class D2iTPipeline:
         if source == "random":
             return (torch.rand((len(labels), g, g), generator=generator) < self.fine_share).long()
         if source == "dgt":
-            from .dgt import sample_grains
+            from ..d2it.dgt import sample_grains
             s = self.cfg.sample.grain_cfg_scale if cfg_scale is None else cfg_scale
             return sample_grains(self.dgt, labels, steps=self.cfg.dgt.sample_steps, cfg_scale=s,
                                  schedule=self.cfg.dgt.schedule, generator=generator, progress=progress)
@@ -58,7 +54,7 @@ class D2iTPipeline:
                  progress: bool = True, batch_size: int = 250, hooks=(), grain_cfg_scale: float | None = None):
         """-> (uint8 images (N, C, H, W), grain maps (N, h, w)). grain_cfg_scale: the DGT's guidance (default
         sample.grain_cfg_scale); hooks: efdit sampler hooks on the DCT chain."""
-        from .multigrain import sample_dct
+        from ..d2it.multigrain import sample_dct
         s = self.cfg.sample
         gen = torch.Generator().manual_seed(s.seed if seed is None else seed)
         if grains is None:
@@ -93,35 +89,3 @@ class D2iTPipeline:
                        guidance=Guidance("cfg", scale) if scale != 1.0 else Guidance())
             out.append(self.decode(z, torch.ones((len(y), g, g), dtype=torch.long)))
         return torch.cat(out)
-
-
-def save_pairs_grid(path: str | Path, images: torch.Tensor, grains: torch.Tensor, labels: torch.Tensor,
-                    names: list[str] | None = None, per_row: int = 8, scale: int = 2) -> Path:
-    """A PNG: per sample the image with its grain map tinted over it and the map alone beside it
-    (red = fine, blue = coarse); one row block per class, labelled at the left."""
-    from PIL import Image, ImageDraw
-    path = Path(path)
-    H = images.shape[-1]
-    ov = overlay(images, grains)                                          # (N, 3, H, W)
-    mp = map_image(grains, H)
-    rgb = images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
-    tiles = torch.cat([rgb, ov, mp], dim=3)                               # (N, 3, H, 3W)
-    pad = 2
-    tw, th = 3 * H + pad, H + pad
-    label_w = 90 if names else 0
-    classes = list(dict.fromkeys(labels.tolist()))
-    rows = []
-    for c in classes:
-        idx = (labels == c).nonzero().flatten().tolist()
-        rows += [(c, idx[j:j + per_row]) for j in range(0, len(idx), per_row)]
-    canvas = Image.new("RGB", (label_w + per_row * tw * scale, len(rows) * th * scale), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, (c, idx) in enumerate(rows):
-        if names:
-            draw.text((4, r * th * scale + 4), names[c][:14], fill=(0, 0, 0))
-        for k, i in enumerate(idx):
-            t = Image.fromarray(tiles[i].permute(1, 2, 0).numpy()).resize((3 * H * scale, H * scale), Image.NEAREST)
-            canvas.paste(t, (label_w + k * tw * scale, r * th * scale))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path

@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from ..errors import atomic_write
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
@@ -19,9 +13,11 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "the figure") as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -78,10 +74,8 @@ def write_report(out_dir: str | os.PathLike, title: str, blocks: list[tuple[str,
              "pre{background:#f4f4f4;padding:.6em;overflow-x:auto}img{max-width:100%}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-    out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     for p, text in ((md_path, "\n".join(md)), (html_path, page)):
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+        with atomic_write(p, "the report") as tmp:
+            tmp.write_text(text)
     return md_path, html_path

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import EfditError
+from ..errors import EfditError
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def setup(device: str = "auto") -> DistInfo:
 
     device: "auto" -> cuda:LOCAL_RANK when CUDA is available, else CPU; "cpu" forces CPU (gloo). The backend is
     nccl on GPU, gloo on CPU."""
-    from .models.dit import resolve_device
+    from ..models.dit import resolve_device
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and not dist.is_initialized():
         return DistInfo(device=resolve_device(device))
     local = int(os.environ.get("LOCAL_RANK", "0"))

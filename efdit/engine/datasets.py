@@ -1,0 +1,51 @@
+"""A config's data: the training split (or a latent cache), another split, and shapes without the data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Config
+from ..data import ALIASES, build_dataset
+
+
+def load_data(cfg: Config, split: str = "train", lazy: bool = False):
+    """The config's training data (`data.latent_cache` if set: a LatentDataset), or another split.
+    lazy: the folder format as a FileDataset (read on access), e.g. to encode a big tree."""
+    d = cfg.data
+    if split == "train" and d.latent_cache:
+        from ..latent.cache import LatentDataset
+        return LatentDataset(d.latent_cache)
+    if split == "train":
+        split = d.split or default_split(d.dataset)
+    kw = {"lazy": True} if lazy and d.dataset == "folder" else {}
+    if d.super_level:
+        kw["super_level"] = d.super_level
+    if d.sub_level:
+        kw["sub_level"] = d.sub_level
+    return build_dataset(d.dataset, split=split, image_size=d.image_size or None, channels=d.channels or None,
+                         root=d.root or None, on_bad_image=d.on_bad_image, **kw)
+
+
+def default_split(dataset: str) -> str:
+    return "train_mini" if ALIASES.get(dataset.lower(), dataset.lower()) == "inat21" else "train"
+
+
+def reference_shape(cfg: Config):
+    """(hierarchy, input size, channels) of iNat 2021 / VegFru from their published description, without the data
+    (dry runs): SD-VAE latents (4 channels, /8, or the config of a local VAE folder) when `data.vae` is set."""
+    key = ALIASES.get(cfg.data.dataset.lower(), cfg.data.dataset.lower())
+    if key == "inat21":
+        from ..data.inat import reference_hierarchy
+    elif key == "vegfru":
+        from ..data.vegfru import reference_hierarchy
+    else:
+        return None
+    size, channels = cfg.data.image_size or 256, 3
+    if cfg.data.vae or cfg.data.latent_cache:
+        latent_channels, factor = 4, 8
+        conf = Path(cfg.data.vae).expanduser() / "config.json"
+        if conf.is_file():
+            vc = json.loads(conf.read_text())
+            latent_channels, factor = vc.get("latent_channels", 4), 2 ** (len(vc.get("block_out_channels", [0] * 4)) - 1)
+        size, channels = size // factor, latent_channels
+    return reference_hierarchy(), (size, size), channels
