@@ -123,7 +123,7 @@ def test_peft_adds_identity_modules_and_freezes_the_rest(preset):
 
 
 def test_unknown_peft_preset():
-    with pytest.raises(EfditError, match="did you mean difffit"):
+    with pytest.raises(EfditError, match="did you mean 'difffit'"):
         apply_peft(tiny(), "diffit")
 
 

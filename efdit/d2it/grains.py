@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EfditError
+from ..errors import EfditError, atomic_write
 
 LEVELS = 256             # 8-bit intensity levels (the kernel-table path)
 LUMA = (0.2989, 0.5870, 0.1140)   # DQ-VAE's grayscale weights
@@ -155,10 +155,8 @@ def compute_thresholds(images: torch.Tensor, spec: EntropySpec, meta: dict | Non
 
 def save_json(path: str | os.PathLike, obj: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
     return path
 
 

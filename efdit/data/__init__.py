@@ -8,13 +8,12 @@ Loaders are imported only when used, so `import efdit.data` stays light (no scik
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 
 from efdit.data.base import HierarchicalDataset
 from efdit.data.hierarchy import Hierarchy
-from efdit.errors import EfditError
+from efdit.errors import EfditError, did_you_mean
 
 # name -> one-line description (for CLI help); the loaders are in the modules of the same name
 DATASETS: dict[str, str] = {
@@ -93,7 +92,5 @@ def build_dataset(name: str, split: str = "train", image_size: int | tuple[int, 
                          on_bad_image=on_bad_image, **kw)
         return _call(key, load_folder, root, split, image_size=image_size, channels=channels,
                      on_bad_image=on_bad_image, **kw)
-    close = difflib.get_close_matches(str(name).lower(), list(DATASETS) + list(ALIASES), n=3, cutoff=0.5)
-    close = list(dict.fromkeys(ALIASES.get(c, c) for c in close))
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise EfditError(f"unknown dataset {name!r}{hint} (known: {', '.join(sorted(DATASETS))})")
+    raise EfditError(f"unknown dataset {name!r}{did_you_mean(str(name).lower(), DATASETS)} "
+                     f"(known: {', '.join(sorted(DATASETS))})")

@@ -21,7 +21,6 @@ nothing to hold out).
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
@@ -33,7 +32,7 @@ from PIL import Image
 
 from efdit.data.base import HierarchicalDataset, as_size, convert_channels
 from efdit.data.hierarchy import Hierarchy
-from efdit.errors import EfditError
+from efdit.errors import EfditError, did_you_mean
 
 LEVELS = ("group", "subgroup", "emoji")
 DEFAULT_CATEGORIES = ("Animals & Nature", "Food & Drink")
@@ -93,9 +92,8 @@ def _check_categories(categories: Sequence[str], known: list[str]) -> None:
             raise EfditError("the 'Component' group (skin tones, hair styles) holds modifiers, not emoji; "
                              "it is always skipped")
         if c not in known:
-            close = difflib.get_close_matches(c, known, n=3, cutoff=0.4)
-            hint = f"; did you mean {', '.join(repr(m) for m in close)}?" if close else ""
-            raise EfditError(f"unknown emoji group {c!r}{hint} (known: {', '.join(known)})")
+            raise EfditError(f"unknown emoji group {c!r}{did_you_mean(c, known, cutoff=0.4)} "
+                             f"(known: {', '.join(known)})")
 
 
 def _render(path: Path, size: tuple[int, int]) -> np.ndarray:

@@ -37,6 +37,7 @@ def adm_center_crop(im, size: tuple[int, int]):
 def read_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3) -> np.ndarray:
     """One file -> uint8 (H, W, C), EXIF-rotated, transparency on white, ADM center crop."""
     from PIL import Image, ImageOps
+
     from .folder import _flatten
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)

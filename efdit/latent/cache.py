@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import LabelSummary
 from ..data.hierarchy import Hierarchy
-from ..errors import EfditError, EfditWarning
+from ..errors import EfditError, EfditWarning, atomic_write
 from .autoencoder import Autoencoder
 
 FORMAT = "efdit-latent-cache"
@@ -48,9 +48,8 @@ def shard_name(i: int) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _describe_source(dataset) -> dict:

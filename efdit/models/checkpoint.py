@@ -15,12 +15,11 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..errors import EfditError
+from ..errors import EfditError, atomic_write
 
 FORMAT_VERSION = 1
 OFFICIAL_URLS = {
@@ -162,37 +161,17 @@ def load_official_dit(path: str | os.PathLike, num_classes: int | None = None, y
 
 # ---- efdit's own format ---------------------------------------------------------------------------------
 
-def _atomic_path(path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _usual_mode(path: Path) -> None:
-    """mkstemp and safetensors both create 0600 files: give the final file the mode the umask asks for."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict | None = None,
                      extra_metadata: dict[str, str] | None = None) -> Path:
     """Write tensors + JSON config atomically; the config travels in the file's metadata."""
     from safetensors.torch import save_file
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "efdit", "format_version": str(FORMAT_VERSION)}
     if config is not None:
         meta["config"] = json.dumps(config, sort_keys=True)
     meta.update(extra_metadata or {})
-    tmp = _atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:   # safetensors recreates its output 0600: atomic_write sets the umask's mode
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from ..errors import EfditError
+from ..errors import EfditError, did_you_mean
 from .attention import Attention, Mlp
 from .embedders import LabelEmbedder, TimestepEmbedder
 
@@ -264,10 +264,8 @@ def build_dit(name: str | None = None, **kwargs) -> DiT:
     """Build a DiT by name (`"DiT-XL/2"`, …) with overrides, or from explicit sizes when name is None."""
     if name is not None:
         if name not in DiT_models:
-            import difflib
-            close = difflib.get_close_matches(name, DiT_models, n=3)
-            raise EfditError(f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                         f"; known: {', '.join(DiT_models)}"))
+            raise EfditError(f"unknown model {name!r}{did_you_mean(name, DiT_models)} "
+                             f"(known: {', '.join(DiT_models)})")
         kwargs = {**DiT_models[name], **kwargs}
     return DiT(**kwargs)
 

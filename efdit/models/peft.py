@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import EfditError
+from ..errors import EfditError, did_you_mean
 
 PEFT_PRESETS = ("full", "bitfit", "difffit", "finediffusion", "efdit", "lora")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
@@ -68,10 +68,8 @@ def apply_peft(model: nn.Module, preset: str, lora_rank: int = 8, difffit_blocks
     """Add the preset's modules and set requires_grad by its rule. Returns the names of the added tensors
     (a base checkpoint lacks them; they start as identities)."""
     if preset not in PEFT_PRESETS:
-        import difflib
-        close = difflib.get_close_matches(preset, PEFT_PRESETS, n=2)
-        raise EfditError(f"unknown PEFT preset {preset!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                         + f" (known: {', '.join(PEFT_PRESETS)})")
+        raise EfditError(f"unknown PEFT preset {preset!r}{did_you_mean(preset, PEFT_PRESETS, n=2)} "
+                         f"(known: {', '.join(PEFT_PRESETS)})")
     added: list[str] = []
     if preset in ("difffit", "finediffusion", "efdit"):
         added += make_layernorms_affine(model)

@@ -30,11 +30,11 @@ All three do no work on full steps beyond fn(x, c), so `interval=1` gives bit-id
 """
 from __future__ import annotations
 
-import difflib
 import math
 
 import torch
 
+from ...errors import did_you_mean
 from . import SamplerHook
 
 
@@ -202,15 +202,12 @@ def build_accel(name: str, kwargs: dict | None = None) -> StepCache | None:
             raise ValueError(f"accel options {sorted(kwargs)} given without an accel method")
         return None
     if name not in ACCEL:
-        close = difflib.get_close_matches(name, ACCEL, n=1)
-        raise ValueError(f"unknown accel {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
-                         f"; known: none, {', '.join(ACCEL)}")
+        raise ValueError(f"unknown accel {name!r}{did_you_mean(name, ACCEL, n=1)} (known: none, {', '.join(ACCEL)})")
     kwargs = dict(kwargs or {})
     for key in kwargs:
         if key not in ACCEL_KEYS[name]:
-            close = difflib.get_close_matches(key, ACCEL_KEYS[name], n=1)
-            raise ValueError(f"{name} has no option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") +
-                             f"; options: {', '.join(ACCEL_KEYS[name])}")
+            raise ValueError(f"{name} has no option {key!r}{did_you_mean(key, ACCEL_KEYS[name], n=1)} "
+                             f"(options: {', '.join(ACCEL_KEYS[name])})")
         if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
             raise ValueError(f"{name} option {key} takes an integer, got {kwargs[key]!r}")
     return ACCEL[name](**kwargs)
