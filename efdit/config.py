@@ -34,6 +34,7 @@ class ModelConfig:
     peft: str = "full"             # full | bitfit | difffit | finediffusion | efdit | lora (what trains)
     lora_rank: int = 8
     difffit_blocks: str = "all"    # all | first_half
+    guidance_embed: bool = False   # the guidance scale w as an input (a student of `efdit distill-guidance`)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DataConfig:
     super_level: str = ""          # emoji: group | subgroup | emoji
     sub_level: str = ""
     split: str = ""                # the training split; "" = the dataset's own (iNat 2021: train_mini | train | val)
+    holdout_per_class: int = 0     # held out of the training split per subclass (split "holdout": choose settings)
     latent_cache: str = ""         # a folder written by `efdit cache-latents`: train on its latents instead
     vae: str = ""                  # a LOCAL diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse): encode / decode
 
@@ -369,8 +371,8 @@ RULES: dict[str, object] = {
     "model.pos_embed": ("sincos", "learned"), "model.condition_on": ("sub", "super"),
     "model.embedder": ("flat", "tiered"), "model.tiered_mode": ("sum", "finediffusion"),
     "model.null_prob": "fraction", "model.peft": PEFT, "model.lora_rank": "pos_int",
-    "model.difffit_blocks": ("all", "first_half"),
-    "data.image_size": "nonneg_int", "data.channels": (0, 1, 3), "data.on_bad_image": ("skip", "fail"),
+    "model.difffit_blocks": ("all", "first_half"), "model.guidance_embed": (False, True),
+    "data.image_size": "nonneg_int", "data.holdout_per_class": "nonneg_int", "data.channels": (0, 1, 3), "data.on_bad_image": ("skip", "fail"),
     "diffusion.schedule": ("linear", "cosine"), "diffusion.steps": "pos_int",
     "diffusion.prediction": ("eps", "v", "x0"), "diffusion.loss": ("hybrid", "mse"),
     "diffusion.timesteps": ("uniform", "lognormal"), "diffusion.lognormal_mean": "finite",

@@ -343,3 +343,18 @@ def test_folder_duplicate_subclass_name(tmp_path):
     _png(tmp_path / "b" / "other" / "y.png")
     with pytest.raises(EfditError, match="'other' appears under both"):
         build_dataset("folder", root=tmp_path)
+
+
+def test_holdout_is_a_disjoint_class_balanced_part_of_the_train_split():
+    from efdit.config import build_config
+    from efdit.engine.datasets import load_data
+    cfg = build_config("digits-tiny", {"data.holdout_per_class": 5})
+    rest, held = load_data(cfg, "train"), load_data(cfg, "holdout")
+    whole = load_data(build_config("digits-tiny", {}), "train")
+    assert len(rest) + len(held) == len(whole) and held.class_counts().tolist() == [5] * 10
+    both = torch.cat([rest.images.flatten(1), held.images.flatten(1)])
+    assert torch.equal(both.sort(0).values, whole.images.flatten(1).sort(0).values)   # a partition of the split
+    again = load_data(cfg, "holdout")
+    assert torch.equal(again.images, held.images) and held.split == "train-holdout"   # the same part every time
+    with pytest.raises(EfditError, match="no held-out split"):
+        load_data(build_config("digits-tiny", {}), "holdout")

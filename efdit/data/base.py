@@ -18,6 +18,9 @@ from efdit.data.hierarchy import Hierarchy
 from efdit.errors import EfditError
 
 
+HOLDOUT_SEED = 2_718  # the held-out part of a train split is the same whatever else is seeded
+
+
 def to_signed(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1] (any shape)."""
     return images.to(torch.float32).div_(127.5).sub_(1.0)
@@ -107,6 +110,18 @@ class LabelSummary:
         A subclass with fewer than `n` images is an EfditError naming it, unless `allow_fewer=True`
         (then all its images are taken). Deterministic for a given seed; grouped by subclass id.
         """
+        return self.subset(self.per_class_indices(n, seed, allow_fewer))
+
+    def holdout(self, n_per_class: int, seed: int = HOLDOUT_SEED):
+        """-> (the rest, a held-out class-balanced part of `n_per_class` items per subclass): the rest is what a
+        run trains on, the held-out part is where its settings (e.g. the guidance scale) are chosen."""
+        held = self.per_class_indices(n_per_class, seed, allow_fewer=True)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        return self.subset(keep.nonzero().flatten()), self.subset(held, split=f"{self.split}-holdout")
+
+    def per_class_indices(self, n: int, seed: int = 0, allow_fewer: bool = False) -> torch.Tensor:
+        """long: the indices of `subset_per_class` (grouped by subclass id, ascending within a class)."""
         if n < 1:
             raise EfditError(f"subset_per_class needs n >= 1, got {n}")
         counts = self.class_counts()
@@ -125,7 +140,7 @@ class LabelSummary:
             if c:
                 chosen = members[torch.randperm(c, generator=g)[:n]]
                 picks.append(chosen.sort().values)
-        return self.subset(torch.cat(picks))
+        return torch.cat(picks)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None, hflip: bool = False):

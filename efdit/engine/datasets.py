@@ -6,17 +6,28 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import ALIASES, build_dataset
+from ..errors import EfditError
 
 
 def load_data(cfg: Config, split: str = "train", lazy: bool = False):
     """The config's training data (`data.latent_cache` if set: a LatentDataset), or another split.
-    lazy: the folder format as a FileDataset (read on access), e.g. to encode a big tree."""
+    With `data.holdout_per_class`, "train" is the training split less a class-balanced held-out part and
+    "holdout" is that part. lazy: the folder format as a FileDataset (read on access), e.g. to encode a big tree."""
     d = cfg.data
     if split == "train" and d.latent_cache:
         from ..latent.cache import LatentDataset
         return LatentDataset(d.latent_cache)
-    if split == "train":
-        split = d.split or default_split(d.dataset)
+    if split in ("train", "holdout") and d.holdout_per_class:
+        whole = _build(cfg, d.split or default_split(d.dataset), lazy)
+        rest, held = whole.holdout(d.holdout_per_class)
+        return rest if split == "train" else held
+    if split == "holdout":
+        raise EfditError("there is no held-out split: set --data.holdout_per_class N")
+    return _build(cfg, d.split or default_split(d.dataset) if split == "train" else split, lazy)
+
+
+def _build(cfg: Config, split: str, lazy: bool):
+    d = cfg.data
     kw = {"lazy": True} if lazy and d.dataset == "folder" else {}
     if d.super_level:
         kw["super_level"] = d.super_level

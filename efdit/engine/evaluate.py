@@ -160,6 +160,34 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
     return record
 
 
+def choose_guidance(model, cfg: Config, hierarchy: Hierarchy, scales: list[float], n_per_class: int = 20,
+                    resolution: int = 64, progress: bool = False, device="cpu") -> tuple[float, list[dict]]:
+    """The guidance scale with the lowest class-conditional FD on the held-out part of the train split
+    (`data.holdout_per_class`; never the test split): for each scale, `n_per_class` samples of every subclass, and
+    per subclass the FD between its samples and its held-out images, averaged over subclasses — a scale that makes
+    samples sharper but of the wrong subclass, or right but implausible, both score worse. The same labels and
+    noise (sample.seed) for every scale. -> (best scale, one row per scale)."""
+    from ..metrics.fd import frechet_distance_from_features
+    from .generate import class_labels, generate
+    held = in_memory(load_data(pixel_config(cfg), "holdout"))
+    if held.hierarchy != hierarchy:
+        raise EfditError("the model's hierarchy differs from its held-out data's")
+    extractor = _extractor()
+    ref = extractor.extract(held.images, resolution=resolution, progress=progress)
+    ref_labels = held.sub_labels.numpy()
+    labels = class_labels(cfg, hierarchy, None, n_per_class)
+    rows = []
+    for scale in scales:
+        trial = apply_overrides(copy.deepcopy(cfg), {"sample.cfg_scale": float(scale)})
+        images = generate(model, trial, labels, device=device, progress=progress)
+        feats = extractor.extract(images, resolution=resolution, progress=progress)
+        per_class = [frechet_distance_from_features(feats[labels.numpy() == c], ref[ref_labels == c])
+                     for c in range(hierarchy.num_sub)]
+        rows.append({"cfg_scale": float(scale), "class_fd": float(np.mean(per_class))})
+    best = min(rows, key=lambda r: r["class_fd"])["cfg_scale"]
+    return best, rows
+
+
 def write_json(path: str | Path, record: dict) -> Path:
     """metrics.json and its kin, written atomically."""
     with atomic_write(path, "the metrics") as tmp:
