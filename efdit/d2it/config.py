@@ -43,7 +43,15 @@ class DVAEConfig:
     full_res_blocks: int = 0        # res blocks at the image resolution (encoder stem, decoder's last stage)
     groups: int = 8                 # GroupNorm groups
     kl_weight: float = 1e-6
-    perceptual_weight: float = 0.0  # not implemented: must stay 0 (see dvae.py)
+    perceptual_weight: float = 0.0  # LPIPS-style EfficientNet-Lite0 distance in L_rec (0 = off; losses.py)
+    perceptual_blocks: str = "0,2,4,10,15"   # tapped MBConv blocks (the last of each resolution, 1/2 .. 1/32)
+    perceptual_resolution: int = 64  # images are resized to this before the network
+    disc_weight: float = 0.0        # adversarial term: factor on the adaptive weight λ (0 = no discriminator)
+    disc_start: int = 0             # DVAE steps before the adversarial term and the discriminator start
+    disc_lr: float = 0.0            # discriminator learning rate (Adam, β = (0.5, 0.9)); 0 = dvae.lr
+    disc_layers: int = 2            # stride-2 layers of the PatchGAN (receptive field 16 / 34 / 70 px for 1 / 2 / 3)
+    disc_channels: int = 32         # width of its first layer
+    disc_weight_max: float = 1e4    # λ is clamped to [0, disc_weight_max] (VQGAN / LDM: 1e4)
     train_ratios: str = "0,0.25,0.5,0.75,1"   # r_fine drawn per image while training: one DVAE for every ratio
     lr: float = 1e-3
     batch_size: int = 64
@@ -178,13 +186,33 @@ def build_d2it_config(preset: str | None, overrides: dict) -> D2itConfig:
         raise EfditError(f"dvae.f1 must be a power of two, got {cfg.dvae.f1}")
     if cfg.data.image_size % cfg.f2:
         raise EfditError(f"image size {cfg.data.image_size} is not divisible by f2 = {cfg.f2}")
-    if cfg.dvae.perceptual_weight:
-        raise EfditError("dvae.perceptual_weight: the perceptual term is not implemented (keep it 0)")
+    check_dvae_losses(cfg.dvae)
     for name in ("dgt", "dct", "dit"):
         part = getattr(cfg, name)
         if part.hidden_size % part.num_heads:
             raise EfditError(f"--{name}.num_heads {part.num_heads} must divide --{name}.hidden_size {part.hidden_size}")
     return cfg
+
+
+def check_dvae_losses(d: DVAEConfig) -> None:
+    """The DVAE's loss options, one EfditError line for the first that is out of range."""
+    for name in ("perceptual_weight", "disc_weight", "disc_lr", "disc_start"):
+        if getattr(d, name) < 0:
+            raise EfditError(f"dvae.{name} must be >= 0, got {getattr(d, name)}")
+    if d.disc_weight_max <= 0:
+        raise EfditError(f"dvae.disc_weight_max must be > 0, got {d.disc_weight_max}")
+    if d.disc_layers < 1 or d.disc_channels < 1:
+        raise EfditError(f"dvae.disc_layers and dvae.disc_channels must be >= 1, got {d.disc_layers}, {d.disc_channels}")
+    if d.perceptual_resolution < 32:
+        raise EfditError(f"dvae.perceptual_resolution must be >= 32 (the network downsamples 32x), "
+                         f"got {d.perceptual_resolution}")
+    try:
+        blocks = [int(v) for v in d.perceptual_blocks.split(",")]
+    except ValueError:
+        blocks = []
+    if not blocks or blocks != sorted(set(blocks)) or blocks[0] < 0 or blocks[-1] > 15:
+        raise EfditError(f"dvae.perceptual_blocks must be increasing block indices in 0..15, "
+                         f"got {d.perceptual_blocks!r}")
 
 
 def run_dir_of(cfg: D2itConfig):

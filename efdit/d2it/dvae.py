@@ -11,9 +11,10 @@
              -> res blocks -> log2(f1) upsamplings -> image.
 
 Loss: L1(x̂, x) + β·KL, the KL summed over the codes actually used (a coarse code once, a fine cell once) and
-divided by the number of pixels. No perceptual / adversarial term (not implemented: `perceptual_weight` must
-be 0; the config refuses anything else). The branch not selected by M gets no gradient at all (torch.where),
-so with r_fine = 0 only E1 + E2 + the coarse head train, with r_fine = 1 only E1 + the fine head.
+divided by the number of pixels (`DVAE.loss`). The perceptual and adversarial terms of the VQGAN / LDM
+objective live in `losses.py` (`DVAELoss`; λ is taken at `last_layer()`, the decoder's output conv). The branch
+not selected by M gets no gradient at all (torch.where), so with r_fine = 0 only E1 + E2 + the coarse head
+train, with r_fine = 1 only E1 + the fine head.
 """
 from __future__ import annotations
 
@@ -166,6 +167,10 @@ class DVAE(nn.Module):
     def forward(self, x, grain, generator=None):
         z, kl = self.encode(x, grain, sample=True, generator=generator)
         return self.decode(z, grain), kl
+
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's last weight (conv_out), where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
 
     def loss(self, x, grain, kl_weight: float = 1e-6, generator=None) -> dict:
         rec, kl = self(x, grain, generator)

@@ -47,8 +47,11 @@ LATENT_IMAGES = 20_000   # stage-2 training images (encoded once); the DGT uses 
 
 # ---- the generic loop -------------------------------------------------------------------------------------
 def fit(name: str, model: torch.nn.Module, loss_fn, lr: float, steps: int, minutes: float, ema_decay: float,
-        run_dir: Path, batch_size: int, progress: bool = True, log_every: int = 20, grad_clip: float = 1.0):
-    """AdamW + EMA until `steps` or `minutes` (0 = no limit). loss_fn(gen) -> dict with "loss" (scalar)."""
+        run_dir: Path, batch_size: int, progress: bool = True, log_every: int = 20, grad_clip: float = 1.0,
+        after_step=None):
+    """AdamW + EMA until `steps` or `minutes` (0 = no limit). loss_fn(gen) -> dict with "loss" (scalar).
+    after_step(step) (optional), called after each optimizer step (step counted from 0): a second model's step
+    (the DVAE's discriminator), returning a dict of terms to log (or None)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
@@ -68,6 +71,8 @@ def fit(name: str, model: torch.nn.Module, loss_fn, lr: float, steps: int, minut
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            terms = {**terms, **(after_step(step) or {})}
         if ema is not None:
             decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
@@ -189,17 +194,24 @@ def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
     d = cfg.dvae
     print(f"DVAE: {count_params(model):,} parameters, f1={d.f1}, f2={cfg.f2}, z={d.z_channels}, ratios {ratios}")
 
-    def loss_fn(gen):
+    def batch(gen):
         idx = torch.randint(0, len(train_ds), (d.batch_size,), generator=gen)
         x = to_signed(train_ds.images[idx])
         e = ent_train[idx]
         if cfg.data.hflip:   # entropy is flip-invariant per region: flip the map with the image
             x, e = random_hflip(gen, x, e)
         tau = taus[torch.randint(0, len(ratios), (len(idx),), generator=gen)]
-        grain = (e > tau[:, None, None]).long()
+        return x, (e > tau[:, None, None]).long()
+
+    def loss_fn(gen):
+        x, grain = batch(gen)
         return model.loss(x, grain, d.kl_weight, generator=gen)
 
-    ema, info = fit("dvae", model, loss_fn, d.lr, d.steps, d.minutes, 0.999, run_dir, d.batch_size, progress)
+    after_step = None
+    if d.perceptual_weight or d.disc_weight:
+        loss_fn, after_step, _ = dvae_objective(cfg, model, batch, train_ds.num_channels)
+    ema, info = fit("dvae", model, loss_fn, d.lr, d.steps, d.minutes, 0.999, run_dir, d.batch_size, progress,
+                    after_step=after_step)
     # latent scale factor: 1 / std of Z_d at r_fine over a data sample
     tau = threshold_for(th, cfg.grains.r_fine)
     idx = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(1))[:2048]
@@ -210,6 +222,48 @@ def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
                hierarchy=train_ds.hierarchy.to_dict())   # for `efdit serve` (class names, superclasses)
     print(f"DVAE: {info['steps']} steps ({info['images']:,} images, {info['seconds']:.0f} s); "
           f"scale factor {ema.scale_factor.item():.4f}")
+
+
+def dvae_objective(cfg: D2itConfig, model, batch, in_channels: int):
+    """(loss_fn, after_step, the DVAELoss) for `fit` with the perceptual and / or adversarial terms (d2it/losses.py).
+
+    At DVAE step s (from 0): the DVAE steps on L_rec + β·KL (+ λ·L_G from `disc_start` on); then, from
+    `disc_start` on, the discriminator steps on the hinge loss of the same batch: x against the detached x̂ of
+    that DVAE step (one forward of the DVAE per step). The discriminator has its own Adam (β = (0.5, 0.9), as
+    VQGAN / LDM); it is not saved."""
+    from ..d2it.losses import DVAELoss, PerceptualLoss
+    d = cfg.dvae
+    perceptual = None
+    if d.perceptual_weight:
+        perceptual = PerceptualLoss(tuple(int(v) for v in d.perceptual_blocks.split(",")), d.perceptual_resolution)
+    objective = DVAELoss(in_channels, d.kl_weight, d.perceptual_weight, d.disc_weight, d.disc_start,
+                         d.disc_channels, d.disc_layers, d.disc_weight_max, perceptual)
+    disc = objective.discriminator
+    opt_d = torch.optim.Adam(disc.parameters(), lr=d.disc_lr or d.lr, betas=(0.5, 0.9)) if disc is not None else None
+    state = {"step": 0, "x": None, "rec": None}
+    if disc is not None:
+        disc.train()
+        print(f"DVAE discriminator: {count_params(disc):,} parameters, {d.disc_layers} stride-2 layers, "
+              f"from step {d.disc_start}")
+
+    def loss_fn(gen):
+        x, grain = batch(gen)
+        rec, kl = model(x, grain, gen)
+        state["x"], state["rec"] = x, rec.detach()
+        return objective.generator_terms(x, rec, kl, state["step"], model.last_layer())
+
+    def after_step(step):
+        state["step"] = step + 1
+        terms = objective.discriminator_terms(state["x"], state["rec"], step)
+        if terms is None:
+            return None
+        opt_d.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt_d.step()
+        return {"d_loss": terms["loss"].detach(), "logits_real": terms["logits_real"],
+                "logits_fake": terms["logits_fake"]}
+
+    return loss_fn, after_step, objective
 
 
 def load_dvae(cfg: D2itConfig, run_dir: Path):
