@@ -383,6 +383,38 @@ def test_fit_detail_refiner_first_loss_is_that_of_x0_hat():
     assert len(set(flipped)) == 1 and flipped[0] > 0  # ... and a mirrored pair stays mirrored
 
 
+def test_fit_detail_refiner_gives_e_each_pairs_own_snr(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    pairs = PredictionPairs(torch.randn(5, 1, 6, 6, generator=g), torch.randn(5, 1, 6, 6, generator=g),
+                            torch.tensor([0.9, 0.5, 0.2, 0.05, 0.011], dtype=torch.float64), torch.arange(5))
+    seen = []
+    forward = DetailRefiner.forward
+
+    def recording(self, x0, snr):
+        seen.append((x0.detach().clone(), torch.as_tensor(snr).clone()))
+        return forward(self, x0, snr)
+
+    monkeypatch.setattr(DetailRefiner, "forward", recording)
+    fit_detail_refiner(pairs, steps=3, batch_size=4, hidden=4, flips=False)
+    for x, snr in seen:
+        assert snr.shape == (4,)
+        for row, s in zip(x, snr):  # the row is the x̂0 of the pair whose SNR came with it
+            assert torch.equal(row, pairs.x0_hat[int(torch.nonzero(pairs.snr == s).item())])
+
+
+def test_train_detail_refiner_is_pairs_then_fit():
+    m, d = tiny_model(), create_diffusion(None)
+    g = torch.Generator().manual_seed(7)
+    images, labels = torch.randn(12, 1, 8, 8, generator=g), torch.arange(12) % 4
+    kw = dict(snr_band=(0.05, 0.5), guidance=Guidance("cfg", 2.0), seed=2)
+    fit = dict(steps=4, hidden=4, depth=2, batch_size=6, spectral_weight=3.0, mask="hard", cutoff=0.4)
+    E, losses = train_detail_refiner(m, d, images, labels, num_pairs=20, pair_batch_size=5, **kw, **fit)
+    pairs = prediction_pairs(m, d, images, labels, num_pairs=20, batch_size=5, **kw)
+    E2, losses2 = fit_detail_refiner(pairs, seed=2, **fit)
+    assert losses == losses2 and E.config == {"channels": 1, "hidden": 4, "depth": 2}
+    assert all(torch.equal(a, b) for a, b in zip(E.state_dict().values(), E2.state_dict().values()))
+
+
 def test_detail_refiner_in_the_hook():
     x0 = torch.randn(2, 4, 7, 9)  # latent-like, odd and non-square
     st = state_for(x0, snr=0.2)
@@ -492,10 +524,10 @@ def base_pairs():
         labels = sub if cfg.model.condition_on == "sub" else hierarchy.parent[sub]
         return ds.images[idx].float() / 127.5 - 1.0, labels
 
-    images, labels = part("train", 256, 0)
-    E, losses = train_detail_refiner(model, d, images, labels, steps=150, hidden=16, seed=0)
+    train_pairs = prediction_pairs(model, d, *part("train", 256, 0), seed=0)
+    E, losses = fit_detail_refiner(train_pairs, steps=150, hidden=16, seed=0)
     held_out = prediction_pairs(model, d, *part("test", 128, 1), seed=1)
-    return E, held_out, model, d, images, labels
+    return E, held_out, train_pairs
 
 
 def test_learned_enhancer_moves_the_high_band_towards_the_real_one(base_pairs):
@@ -518,8 +550,8 @@ def test_learned_enhancer_moves_the_high_band_towards_the_real_one(base_pairs):
 
 def test_pixel_loss_alone_adds_no_detail(base_pairs):
     """Without the spectral term E drifts to E[x0 | x̂0] ≈ x̂0 (the posterior mean): no closer to the real high band."""
-    _, pairs, model, d, images, labels = base_pairs
-    E, _ = train_detail_refiner(model, d, images, labels, steps=150, hidden=16, seed=0, spectral_weight=0.0)
+    _, pairs, train_pairs = base_pairs
+    E, _ = fit_detail_refiner(train_pairs, steps=150, hidden=16, seed=0, spectral_weight=0.0)
     fused = HRIG(refiner=E).fuse(pairs.x0_hat, pairs.snr)
     assert spectral_distance(fused, pairs.x0, min_radius=0.5) > \
         spectral_distance(pairs.x0_hat, pairs.x0, min_radius=0.5)
