@@ -30,7 +30,8 @@ def model_kwargs(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int],
                          f"(efdit does not pad silently: resize the data with --image-size, or pick another patch)")
     return dict(input_size=tuple(input_size), in_channels=channels, mlp_ratio=m.mlp_ratio,
                 class_dropout_prob=m.class_dropout_prob, num_classes=num_labels(cfg, hierarchy),
-                learn_sigma=m.learn_sigma, pos_embed=m.pos_embed, attn_backend=m.attn_backend, **sizes)
+                learn_sigma=m.learn_sigma, pos_embed=m.pos_embed, attn_backend=m.attn_backend,
+                guidance_embed=m.guidance_embed, **sizes)
 
 
 def build_model(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], channels: int) -> DiT:

@@ -15,13 +15,22 @@ from .build import build_diffusion
 
 
 def guidance_of(cfg: Config) -> Guidance:
+    """The sampler's guidance. A guidance-distilled model (`model.guidance_embed`) runs one branch: mode "none",
+    its scale w = `sample.cfg_scale` going to the model as an input (`sampling_kwargs`)."""
     s = cfg.sample
+    if cfg.model.guidance_embed:
+        return Guidance("none", s.cfg_scale, s.cfg_scale_super, s.cfg_channels)
     mode = s.guidance
     if mode == "auto":
         mode = "super" if cfg.model.embedder == "tiered" else "cfg"
     if s.cfg_scale == 1.0 and mode != "two_term":
         mode = "none"
     return Guidance(mode, s.cfg_scale, s.cfg_scale_super, s.cfg_channels, interval=guidance_interval(cfg))
+
+
+def sampling_kwargs(cfg: Config) -> dict:
+    """The model's extra inputs when sampling: {"w": sample.cfg_scale} for a guidance-distilled model, else {}."""
+    return {"w": float(cfg.sample.cfg_scale)} if cfg.model.guidance_embed else {}
 
 
 def guidance_interval(cfg: Config) -> tuple[int, int] | None:
@@ -48,7 +57,8 @@ def generate(model, cfg: Config, labels: torch.Tensor, device="cpu", progress: b
     for i in range(0, len(labels), batch_size):
         y = labels[i:i + batch_size].to(device)
         x = sample(model, y, diffusion, method=s.sampler, eta=s.eta, guidance=guidance_of(cfg), hooks=hooks,
-                   generator=gen, clip_x0=s.clip_x0 and decode is None, progress=progress)
+                   generator=gen, clip_x0=s.clip_x0 and decode is None, progress=progress,
+                   model_kwargs=sampling_kwargs(cfg))
         if decode is not None:
             x = decode(x)
         out.append(to_uint8(x).cpu())
@@ -85,6 +95,9 @@ def check_sampler(cfg: Config) -> None:
         raise EfditError(f"--sampler must be {' | '.join(SAMPLERS)}, not {s.sampler!r}")
     if s.sampler in DETERMINISTIC and s.eta != 0:
         raise EfditError(f"--sampler {s.sampler} is deterministic: --eta must be 0, not {s.eta}")
+    if cfg.model.guidance_embed and str(cfg.sample.guidance_interval).strip():
+        raise EfditError("--guidance-interval: a guidance-distilled model runs one forward at its scale w at every "
+                         "step, it has no conditional-only steps (sample it without --guidance-interval)")
 
 
 def accel_hooks(cfg: Config) -> list:

@@ -8,7 +8,10 @@ Departures from the reference code, all backwards compatible with its checkpoint
   * an optional `block_cache` so sampling caches (FORA, Δ-DiT, TaylorSeer) can reuse or forecast the
     un-gated attention / MLP outputs (the block applies the current step's gate), and `forward_blocks` to
     run a range of blocks;
-  * optional gradient checkpointing and a learnable position embedding.
+  * optional gradient checkpointing and a learnable position embedding;
+  * an optional guidance embedding (`guidance_embed`): the guidance scale w as an input, embedded like t and added
+    to c, for a student distilled from a guided teacher (Meng et al. 2023, "On Distillation of Guided Diffusion
+    Models"): one forward per sampling step instead of one per guidance branch.
 """
 from __future__ import annotations
 
@@ -114,12 +117,16 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
     forward(x, t, y) -> (N, C_out, H, W), C_out = 2*in_channels with learn_sigma (ε then the Σ interpolation v).
+    With `guidance_embed`, forward(x, t, y, w=w): w the guidance scale, a number or (N,); c = t_emb + y_emb + w_emb,
+    where `w_embedder` (a TimestepEmbedder of w) starts with a zero output layer, so the model starts as the
+    conditional model it is initialised from. Without it the model has no `w_embedder` keys and takes no w.
     """
 
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True,
-                 pos_embed: str = "sincos", attn_backend: str = "sdpa", y_embedder: nn.Module | None = None):
+                 pos_embed: str = "sincos", attn_backend: str = "sdpa", y_embedder: nn.Module | None = None,
+                 guidance_embed: bool = False):
         super().__init__()
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
@@ -136,6 +143,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = y_embedder if y_embedder is not None else \
             LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.guidance_embed = guidance_embed
+        self.w_embedder = TimestepEmbedder(hidden_size) if guidance_embed else None
         self.grid_size = self.x_embedder.grid_size
         num_patches = self.x_embedder.num_patches
         if pos_embed not in ("sincos", "learned"):
@@ -164,6 +173,10 @@ class DiT(nn.Module):
                 nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.w_embedder is not None:  # zero output: w_emb = 0, the model starts as its conditional branch
+            nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.w_embedder.mlp[2].weight)
+            nn.init.zeros_(self.w_embedder.mlp[2].bias)
 
         # adaLN-Zero: every block starts as the identity and the output is zero.
         for block in self.blocks:
@@ -182,14 +195,28 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        """Tokens and conditioning: x (N, C, H, W) -> (N, T, D); c = t_emb + y_emb (N, D)."""
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w=None):
+        """Tokens and conditioning: x (N, C, H, W) -> (N, T, D); c = t_emb + y_emb (+ w_emb) (N, D)."""
         if x.shape[-2:] != self.input_size:
             raise EfditError(f"model expects {self.input_size[0]}x{self.input_size[1]} inputs, "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        if self.w_embedder is not None:
+            c = c + self.w_embedder(self.guidance_scales(w, x))
         return tokens, c
+
+    def guidance_scales(self, w, x: torch.Tensor) -> torch.Tensor:
+        """w (a number, a 0-d or (N,) tensor) -> (N,) float32 on x's device."""
+        if w is None:
+            raise EfditError("this model is guidance-distilled (model.guidance_embed): it takes the guidance scale as "
+                             "an input, model(x, t, y, w=scale); `efdit distill-guidance` trains one")
+        w = torch.as_tensor(w, dtype=torch.float32, device=x.device)
+        if w.dim() == 0:
+            w = w.expand(x.shape[0])
+        if w.shape != (x.shape[0],):
+            raise ValueError(f"w must be a number or ({x.shape[0]},), got shape {tuple(w.shape)}")
+        return w
 
     def forward_blocks(self, x: torch.Tensor, c: torch.Tensor, start: int = 0, stop: int | None = None,
                        block_cache=None) -> torch.Tensor:
@@ -214,10 +241,13 @@ class DiT(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, block_cache=None, **cond) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) label ids -> (N, C_out, H, W)."""
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) label ids -> (N, C_out, H, W); with
+        `guidance_embed`, w=: the guidance scale (a number or (N,))."""
+        w = cond.pop("w", None) if self.w_embedder is not None else None
         if cond:
-            raise TypeError(f"DiT takes no extra conditioning, got {sorted(cond)}")
-        tokens, c = self.embed(x, t, y)
+            raise TypeError(f"DiT takes no extra conditioning, got {sorted(cond)}"
+                            + (" (w needs a guidance-distilled model, guidance_embed=True)" if "w" in cond else ""))
+        tokens, c = self.embed(x, t, y, w)
         tokens = self.forward_blocks(tokens, c, block_cache=block_cache)
         return self.unpatchify(self.final_layer(tokens, c))
 
