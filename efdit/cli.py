@@ -22,6 +22,7 @@ commands:
   hrig      HRIG tools: train the learned enhancer of a run, sweep HRIG settings (same noise per row)
   demo      the main job on the embedded default (Fashion-MNIST): fine-tune, sample, evaluate, report
   export    write a run's EMA model as a standalone (fp16) model file
+  distill-guidance  distil a guided model: the guidance scale as an input, one forward per step (resumable)
   cache-latents  encode a dataset once with a local VAE into sharded latent files (resumable; torchrun splits it)
   d2it      D²iT: train the stages, sample (grain maps beside images), the Table 5 benchmark
   grains    entropy grain maps: compute-thresholds (dataset percentiles, once), show (overlay PNG)
@@ -33,7 +34,8 @@ commands:
 # command -> the module of efdit.commands whose main(argv) runs it (imported only when used)
 COMMANDS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "ablate": "ablate", "hrig": "hrig",
             "demo": "demo", "export": "export", "cache-latents": "cache_latents", "d2it": "d2it",
-            "grains": "grains", "serve": "serve", "presets": "presets"}
+            "grains": "grains", "serve": "serve", "presets": "presets",
+            "distill-guidance": "distill_guidance"}
 
 
 def main(argv: list[str] | None = None) -> int:
