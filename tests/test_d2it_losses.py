@@ -122,6 +122,22 @@ def test_perceptual_invariant_to_the_scale_of_a_tapped_layer(perceptual):
     assert not torch.allclose(other(x, y), d, rtol=1e-3)
 
 
+def test_perceptual_taps_are_the_networks_activations_of_the_unit_range_image(perceptual):
+    """features(x) for x in [-1, 1] = the shipped (unfused) network's block outputs on (x + 1)/2 at 64 px."""
+    from efdit.metrics.features import load_effnet_lite0, resize
+    net = load_effnet_lite0()
+    taps = {}
+    for i in perceptual.blocks:
+        net._blocks[i].register_forward_hook(lambda m, inp, out, i=i: taps.__setitem__(i, out))
+    x = images(2, c=3, seed=8)
+    with torch.no_grad():
+        net.features(resize((x + 1) / 2, 64))
+        got = perceptual.features(x)
+    assert [tuple(f.shape[-2:]) for f in got] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+    for f, i in zip(got, perceptual.blocks):
+        assert torch.allclose(f, taps[i], atol=1e-4, rtol=1e-4), i
+
+
 def test_perceptual_blocks_are_checked():
     with pytest.raises(ValueError):
         PerceptualLoss(blocks=(4, 2))
@@ -182,12 +198,14 @@ def test_adaptive_weight_by_hand_on_a_toy_decoder():
     assert lam.item() == 50.0
 
 
-def test_dvae_loss_adaptive_weight_and_gradients_match_the_reference_formula():
+@pytest.mark.parametrize("pw", [0.0, 0.3])
+def test_dvae_loss_adaptive_weight_and_gradients_match_the_reference_formula(pw, perceptual):
     """DVAELoss takes ∂/∂x̂ once and builds ∇_w by the chain rule: same λ as adaptive_weight and the same DVAE
-    gradients as backpropagating L_rec + λ·L_G + β·KL directly."""
+    gradients as backpropagating L_rec + λ·L_G + β·KL directly, L_rec = L1 + pw·d."""
     torch.manual_seed(0)
     model = tiny_dvae()
-    obj = DVAELoss(1, kl_weight=1e-2, disc_weight=0.7, disc_start=0, disc_channels=8, disc_layers=1).eval()
+    obj = DVAELoss(1, kl_weight=1e-2, perceptual_weight=pw, disc_weight=0.7, disc_start=0, disc_channels=8,
+                   disc_layers=1, perceptual=perceptual).eval()
     x = images(4, size=16)
     grain = torch.randint(0, 2, (4, 4, 4), generator=torch.Generator().manual_seed(1))
 
@@ -201,7 +219,7 @@ def test_dvae_loss_adaptive_weight_and_gradients_match_the_reference_formula():
     terms["loss"].backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     rec, kl = run(5)
-    l_rec = (rec - x).abs().mean()
+    l_rec = (rec - x).abs().mean() + (pw * perceptual(rec, x).mean() if pw else 0.0)
     g = generator_loss(obj.discriminator(rec))
     lam = adaptive_weight(l_rec, g, model.last_layer()) * 0.7
     loss = l_rec + 1e-2 * kl.mean() / x[0].numel() + lam * g
@@ -214,6 +232,16 @@ def test_dvae_loss_adaptive_weight_and_gradients_match_the_reference_formula():
         if n in fast:
             assert torch.allclose(fast[n], p.grad, rtol=1e-4, atol=1e-7), n
     assert set(fast) == {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_perceptual_term_enters_the_loss_with_its_weight(perceptual):
+    model = tiny_dvae()
+    obj = DVAELoss(1, kl_weight=1e-3, perceptual_weight=0.25, perceptual=perceptual)
+    x = images(3, size=16)
+    rec, kl = model(x, torch.randint(0, 2, (3, 4, 4)))
+    t = obj.generator_terms(x, rec, kl, 0)
+    assert t["perceptual"].item() == pytest.approx(perceptual(rec, x).mean().item(), rel=1e-6)
+    assert t["loss"].item() == pytest.approx((t["l1"] + 0.25 * t["perceptual"] + 1e-3 * t["kl"]).item(), rel=1e-6)
 
 
 def test_the_generator_step_leaves_the_discriminator_alone():
@@ -284,8 +312,9 @@ def test_stage_alternates_and_the_discriminator_waits_for_disc_start(tmp_path, s
     before = copy.deepcopy(disc.state_dict())
     fit("dvae", model, loss_fn, 1e-3, steps, 0, 0.999, tmp_path, 4, progress=False, log_every=1,
         after_step=after_step)
-    same = all(torch.equal(before[k], v) for k, v in disc.state_dict().items())
-    assert same != changed
+    params = dict(disc.named_parameters())
+    assert all(torch.equal(before[k], v) for k, v in disc.state_dict().items()) != changed   # incl. BN statistics
+    assert all(torch.equal(before[k], p) for k, p in params.items()) != changed              # the optimizer stepped
     log = [json.loads(line) for line in (tmp_path / "log-dvae.jsonl").read_text().splitlines()]
     assert ["d_loss" in r for r in log] == [s >= 3 for s in range(steps)]
     assert ["disc_lambda" in r for r in log] == [s >= 3 for s in range(steps)]

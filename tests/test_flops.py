@@ -109,7 +109,7 @@ def test_budgets_and_the_table():
     cfg = build_d2it_config("fmnist32", {})
     rows = {r["name"]: r for r in compute_table(cfg, 1, 0.5, dct_steps=25, dgt_steps=50)}
     dct = rows["DCT (r = 0.500)"]
-    assert dct["trunk_tokens"] == 64 and dct["refine_tokens"] == 160
+    assert dct["trunk_tokens"] == 64 and dct["refine_tokens"] == 160 and dct["tokens"] == 160
     assert rows["DiT-6x64/2"]["tokens"] == 64 and rows["DiT-6x64/1"]["tokens"] == 256
     total = rows["D²iT sample (DGT + DCT + decoder)"]["gflop_sample"]
     assert total == pytest.approx(rows["DVAE decoder"]["gflop_sample"] + rows["DGT"]["gflop_sample"]

@@ -162,6 +162,7 @@ def compute_table(cfg, in_channels: int, fine_share: float, dct_steps: int | Non
                   dgt_steps: int | None = None) -> list[dict]:
     """Rows {name, tokens, gflop_forward, gflop_sample} for D²iT's networks at a mean fine share and for plain
     DiTs on the all-fine latent at every patch size that divides it (same width and depth as `cfg.dit`).
+    The DCT's tokens are its latent codes R·(1 + 3r); its row also gives trunk_tokens (R) and refine_tokens.
     gflop_sample: a full sample (steps × forwards with CFG as in cfg.sample, and one decode)."""
     steps = dct_steps if dct_steps is not None else int(cfg.sample.steps)
     gsteps = dgt_steps if dgt_steps is not None else cfg.dgt.sample_steps
@@ -177,7 +178,7 @@ def compute_table(cfg, in_channels: int, fine_share: float, dct_steps: int | Non
         {"name": "DVAE decoder", "tokens": None, "gflop_forward": vae["decoder"] / G, "gflop_sample": vae["decoder"] / G},
         {"name": "DGT", "tokens": dgt["tokens"], "gflop_forward": dgt["total"] / G,
          "gflop_sample": sampling_flops(dgt["total"], gsteps, cfg.sample.grain_cfg_scale) / G},
-        {"name": f"DCT (r = {fine_share:.3f})", "tokens": dct["regions"] + dct["refine_tokens"],
+        {"name": f"DCT (r = {fine_share:.3f})", "tokens": dct["regions"] * (1 + 3 * fine_share),   # latent codes
          "trunk_tokens": dct["regions"], "refine_tokens": dct["refine_tokens"],
          "gflop_forward": dct["total"] / G, "gflop_sample": sampling_flops(dct["total"], steps, cfg.sample.cfg_scale) / G},
     ]

@@ -180,13 +180,12 @@ class DVAELoss(nn.Module):
             terms["perceptual"] = p
         loss = rec_loss + self.kl_weight * kl
         if self.adversarial(step):
-            d = self.discriminator.requires_grad_(False)                 # the DVAE step moves the DVAE only
-            g = generator_loss(d(rec))
-            d.requires_grad_(True)
+            g = generator_loss(self.discriminator(rec))
             # L_rec and L_G reach the DVAE only through x̂: their gradients at x̂ are taken once (one backward
             # through the perceptual network and the discriminator), give ∇_w at the last layer by the chain
             # rule, and the DVAE's backward runs on the surrogate Σ x̂·(∂L_rec/∂x̂ + f·λ·∂L_G/∂x̂) + β·KL, whose
-            # gradient is that of L_rec + f·λ·L_G + β·KL (its value is set to the loss itself).
+            # gradient is that of L_rec + f·λ·L_G + β·KL (its value is set to the loss itself). The
+            # discriminator is not in the surrogate's graph: the DVAE step gives it no gradient.
             grad_rec, = torch.autograd.grad(rec_loss, rec)
             grad_adv, = torch.autograd.grad(g, rec)
             w_rec, = torch.autograd.grad(rec, last_layer, grad_rec, retain_graph=True)
