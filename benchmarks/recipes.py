@@ -62,6 +62,7 @@ def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[floa
 def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor) -> list[dict]:
     from efdit.config import build_config
     from efdit.engine.train import train
+    from efdit.models.checkpoint import load_safetensors
     run = out / name
     results_path = out / f"{name}.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
@@ -80,8 +81,9 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
             train(cfg, progress=False)
             used = time.process_time() - t0
             cpu += used
-            rate = (goal - images) / used
-            images = goal
+            done = load_safetensors(run / "model.safetensors")[1]["progress"]["images"]  # whole batches
+            rate = (done - images) / used
+            images = done
             if cpu >= target_cpu * 0.97:
                 break
             step_images = max(cfg.train.batch_size, int(rate * (target_cpu - cpu)))
@@ -94,6 +96,30 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
         print(f"{name:10s} point {k}/{points}: {cpu / 60:5.1f} CPU-min, {images:7,} images, FD {fd:8.1f} "
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
     return rows
+
+
+def plot(out: Path, names: list[str], path: Path) -> Path:
+    """FD against CPU-minutes (left) and against images seen (right), one line per recipe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for n in names:
+        rows = json.loads((out / f"{n}.json").read_text()) if (out / f"{n}.json").is_file() else []
+        if rows:
+            axes[0].plot([r["cpu_s"] / 60 for r in rows], [r["fd"] for r in rows], "o-", label=n)
+            axes[1].plot([r["images"] / 1000 for r in rows], [r["fd"] for r in rows], "o-", label=n)
+    axes[0].set_xlabel("training CPU-minutes (one thread)")
+    axes[1].set_xlabel("thousand images seen")
+    for ax in axes:
+        ax.set_ylabel("FD-EffNetLite0 (400 samples)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fashion-MNIST base recipes (fmnist-base, superclass-conditioned)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def thread_throughput(out: Path, images: int = 2048, rounds: int = 2) -> dict:
@@ -125,7 +151,11 @@ def main() -> None:
     p.add_argument("--per-subclass", type=int, default=40)
     p.add_argument("--out", default="runs/recipes")
     p.add_argument("--no-threads", action="store_true", help="skip the 1 / 2-thread throughput table")
+    p.add_argument("--plot-only", default="", help="only draw FD against time from the results in --out to this PNG")
     args = p.parse_args()
+    if args.plot_only:
+        print(plot(Path(args.out), [n.strip() for n in args.recipes.split(",") if n.strip()], Path(args.plot_only)))
+        return
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

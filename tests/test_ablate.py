@@ -1,6 +1,5 @@
 """`efdit ablate`: the variant sets and the reuse of a trained model across sampling-only variants."""
 import pytest
-import torch
 
 import efdit.commands.ablate as ablate
 from efdit.config import build_config
@@ -17,35 +16,43 @@ def test_mechanism_variants_share_training_only_when_sampling_differs():
     assert (cfg.sample.hrig, cfg.model.attn_backend, cfg.model.embedder) == ("gain=0.5", "proxy", "tiered")
 
 
-def test_run_ablation_trains_each_distinct_config_once(tmp_path, monkeypatch):
-    trained, evaluated = [], []
+def test_ablation_over_seeds_chooses_guidance_on_holdout_and_pairs_by_seed(tmp_path, monkeypatch):
+    """Two variants sharing a training config (different guidance) × 2 seeds: each seed trains once, the guidance
+    is chosen on the held-out split, rows carry intervals over seeds, the second variant's Δ to the first has a
+    verdict, and a rerun reuses everything."""
+    import json
 
-    def fake_train(cfg, progress=True):
-        trained.append(cfg.run_dir)
-
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(3))
-
-    def fake_load(path):
-        return M(), build_config("fmnist-finetune", {}), None, {"sha256": str(path)}
-
-    def fake_eval(model, cfg, h, **kw):
-        evaluated.append((kw["model_sha"], cfg.sample.hrig))
-        return {"metrics": {"fd_effnetlite0": 1.0}, "floor": {"fd_effnetlite0": 0.5}}
-
-    monkeypatch.setattr(ablate, "train", fake_train)
-    monkeypatch.setattr(ablate, "load_model", fake_load)
-    monkeypatch.setattr(ablate, "evaluate_model", fake_eval)
-    monkeypatch.setattr(ablate, "read_log", lambda p: [{"img_per_s": 2.0, "loss": 0.1}])
-    out = ablate.run_ablation("fmnist-finetune", tmp_path, ablate.mechanism_variants("gain=0.5"), {}, 2, False)
-    assert len(trained) == 4 and len(evaluated) == 5
-    sha, hrig = evaluated[2]                                          # "+ HRIG", in the set's order
-    assert hrig == "gain=0.5" and "baseline" in sha                   # sampled the baseline's model
-    assert evaluated[0] == (sha, "")                                  # the baseline itself: HRIG off
+    import efdit.engine.evaluate as E
+    monkeypatch.setenv("EFDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(E, "JUDGE_PER_CLASS", 10)   # a small judge: this test is about the protocol
+    variants = {"cfg 1": {"sample.guidance": "cfg"}, "cfg 1 again": {"sample.guidance": "cfg"}}
+    ov = {"total_images": 64, "threads": 1, "data.holdout_per_class": 4, "sample.steps": "2", "init_from": ""}
+    calls = []
+    real = ablate.train
+    monkeypatch.setattr(ablate, "train", lambda cfg, progress=True: (calls.append(cfg.run_dir), real(cfg, progress))[1])
+    out = ablate.run_ablation("digits-tiny", tmp_path / "abl", variants, ov, n_per_class=4, progress=False,
+                              seeds=[0, 1], scales=[1.0, 3.0], sweep_per_class=4)
+    assert len(calls) == 2                                              # one training per seed, shared by both arms
+    summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())["variants"]
+    fd = summary["cfg 1"]["fd_effnetlite0"]
+    assert fd["low"] <= fd["mean"] <= fd["high"] and len(fd["per_seed"]) == 2
+    delta = summary["cfg 1 again"]["delta_fd_effnetlite0"]                # the same model, scale and noise: zero
+    assert delta["mean"] == 0 and delta["low"] == delta["high"] == 0 and delta["verdict"] == "no effect"
+    rec = json.loads((tmp_path / "abl" / "cfg-1" / "seed-1" / "metrics.json").read_text())
+    assert rec["seed"] == 1 and len(rec["guidance_sweep"]) == 2 and rec["cfg_scale"] in (1.0, 3.0)
     text = out.read_text()
-    assert text.count("\n| ") == 7 and "+ ProAttention (proxy)" in text  # header, 5 rows, floor
+    assert "| cfg 1 again |" in text and "no effect" in text and "[" in text
+    calls.clear()
+    ablate.run_ablation("digits-tiny", tmp_path / "abl", variants, ov, n_per_class=4, progress=False,
+                        seeds=[0, 1], scales=[1.0, 3.0], sweep_per_class=4)
+    assert calls == []                                                  # a rerun trains nothing
+
+
+def test_two_term_variants_try_both_scales():
+    trials = ablate.guidance_trials({"two_term": True}, [2.0, 3.0])
+    assert {(t["sample.cfg_scale"], t["sample.cfg_scale_super"]) for t in trials} == \
+        {(2.0, 1.0), (2.0, 2.0), (3.0, 1.0), (3.0, 2.0)}
+    assert ablate.guidance_trials({}, [2.0]) == [{"sample.cfg_scale": 2.0}]
 
 
 def test_unknown_variant_is_a_clear_error():

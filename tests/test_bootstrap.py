@@ -10,10 +10,22 @@ from efdit.errors import EfditError
 
 pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed (pip install torch-fidelity==0.4.0)")
 
-from efdit.metrics.bootstrap import (BootstrapResult, FrechetReference, bootstrap_metrics, combine_seeds,  # noqa: E402
-                                     counts_of, difference_result, draw_indices, frechet_distance_exact, kid_full,
-                                     kid_replicates,
-                                     paired_difference, percentile_interval, plan_id, unpaired_difference)
+from efdit.metrics.bootstrap import (  # noqa: E402
+    BootstrapResult,
+    FrechetReference,
+    bootstrap_metrics,
+    combine_seeds,
+    counts_of,
+    difference_result,
+    draw_indices,
+    frechet_distance_exact,
+    kid_full,
+    kid_replicates,
+    paired_difference,
+    percentile_interval,
+    plan_id,
+    unpaired_difference,
+)
 from efdit.metrics.fd import frechet_distance_from_features  # noqa: E402
 from efdit.metrics.per_class import fine_acc_given_super, intra_class_fd, per_superclass_fd  # noqa: E402
 

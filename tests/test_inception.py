@@ -11,8 +11,13 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed (pip 
 
 from efdit.metrics.bootstrap import frechet_distance_exact  # noqa: E402
 from efdit.metrics.card import card_differences, comparability_card, describe_differences  # noqa: E402
-from efdit.metrics.inception import (inception_metrics, load_inception, read_inception_weights,  # noqa: E402
-                                     to_uint8_rgb, write_random_inception_weights)
+from efdit.metrics.inception import (  # noqa: E402
+    inception_metrics,
+    load_inception,
+    read_inception_weights,
+    to_uint8_rgb,
+    write_random_inception_weights,
+)
 
 
 @pytest.fixture(scope="module")

@@ -175,10 +175,10 @@ def test_evaluate_a_latent_run_against_its_pixel_images(vae_dir, tmp_path, monke
     rec = E.evaluate_model(model, mcfg, h, n_per_class=2, progress=False)
     assert rec["n"] == 6 and rec["reference_id"].startswith("folder-test-16-")
     for key in ("fd_effnetlite0", "fine_acc", "coarse_acc"):
-        assert key in rec["metrics"] and key in rec["floor"]
-    # the classifier was trained on the 16x16 RGB images, not on the 8x8x4 latents
-    assert [f.name for f in (tmp_path / "efdit-cache" / "classifiers").glob("*.safetensors")] == \
-        ["folder-16x16x3.safetensors"]
+        assert key in rec["metrics"] and key in rec["floor"]["metrics"]
+    # the judge was trained on the 16x16 RGB images' features, not on the 8x8x4 latents
+    probes = [f.name for f in (tmp_path / "efdit-cache" / "probes").glob("*.safetensors")]
+    assert len(probes) == 1 and probes[0].startswith("folder-16x16x3-")
     from safetensors.torch import load_file
 
     from efdit.commands.hrig import train_refiner_for  # HRIG's learned enhancer trains on the latents (model space)

@@ -7,8 +7,15 @@ import torch
 
 from efdit.data.hierarchy import Hierarchy
 from efdit.errors import EfditError
-from efdit.metrics.probe import (FeatureProbe, judge_reliability, load_probe, probe_report, save_probe,
-                                 train_probe, wilson_interval)
+from efdit.metrics.probe import (
+    FeatureProbe,
+    judge_reliability,
+    load_probe,
+    probe_report,
+    save_probe,
+    train_probe,
+    wilson_interval,
+)
 
 H = Hierarchy(["a0", "a1", "b0", "b1"], ["A", "B"], torch.tensor([0, 0, 1, 1]))
 

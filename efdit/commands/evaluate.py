@@ -10,7 +10,17 @@ import numpy as np
 import torch
 
 from ..engine.build import apply_attention
-from ..engine.evaluate import compare, evaluate_model, inception_metrics, pixel_config, table_rows, write_json
+from ..engine.evaluate import (
+    TABLE_HEADER,
+    compare,
+    dinov2_scores,
+    evaluate_model,
+    inception_scores,
+    judge_warning,
+    pixel_config,
+    table_rows,
+    write_json,
+)
 from ..engine.files import load_model
 from ..engine.generate import check_sampling, class_labels, generate
 from ..engine.paths import model_file
@@ -53,18 +63,28 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="", help="metrics.json path (default: beside the model)")
     p.add_argument("--compare", nargs=2, metavar="METRICS_JSON", help="compare two metrics.json files")
     p.add_argument("--inception-weights", default="", help="a local Inception-v3 weights file for FID / IS")
+    p.add_argument("--dinov2-weights", default="", help="a local DINOv2 folder (transformers Dinov2Model: "
+                                                       "config.json + model.safetensors) for FD-DINOv2")
     p.add_argument("--no-progress", action="store_true")
     args, rest = p.parse_known_args(argv)
     if args.compare:
         a, b = (read_metrics(f) for f in args.compare)
-        for k, x, y in compare(a, b):
-            print(f"{k:20s} {x:10.4f} {y:10.4f}")
+        how, rows = compare(a, b)
+        print(f"A = {args.compare[0]}\nB = {args.compare[1]}\n{how}; 95 % bootstrap interval of A − B:")
+        print(f"{'metric':22s} {'A':>10s} {'B':>10s} {'A − B [95 % CI]':>30s}  verdict")
+        for r in rows:
+            d = r["difference"]
+            print(f"{r['metric']:22s} {r['a']:10.4g} {r['b']:10.4g} "
+                  f"{d['value']:+10.4g} [{d['low']:+.4g}, {d['high']:+.4g}]  {r['verdict']}")
         return 0
     if not args.model:
         raise EfditError("a model (or --compare A B) is required")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         raise EfditError(f"--inception-weights: Inception weights not found at {args.inception_weights} "
                          f"(a local file; efdit never downloads it)")
+    if args.dinov2_weights and not (Path(args.dinov2_weights) / "config.json").is_file():
+        raise EfditError(f"--dinov2-weights: no DINOv2 folder at {args.dinov2_weights} (config.json + "
+                         f"model.safetensors; efdit never downloads it)")
     path = model_file(args.model)
     out = writable(Path(args.out) if args.out else path.parent / "metrics.json", "metrics file")
     device = resolve_device(os.environ.get("EFDIT_DEVICE", "auto"))
@@ -78,15 +98,39 @@ def main(argv: list[str]) -> int:
     record = evaluate_model(model, cfg, h, n_per_class=args.n_per_class, split=args.split,
                             resolution=args.resolution, progress=not args.no_progress, model_sha=meta["sha256"],
                             out_json=out, device=device, images=images, labels=labels)
+    if (args.inception_weights or args.dinov2_weights) and images is None:
+        labels = class_labels(cfg, h, None, args.n_per_class)
+        images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
+    if args.dinov2_weights:
+        dino = dinov2_scores(images, labels, pixel_config(cfg), args.dinov2_weights, args.split, args.n_per_class, 0,
+                             device=device)
+        record["metrics"].update(dino["metrics"])
+        record["intervals"].update(dino["intervals"])
+        record["dinov2"] = {"weights_sha256": dino["weights_sha256"], "resolution": 224, "resize": "bicubic"}
+        write_json(out, record)
     if args.inception_weights:
         if images is None:
             labels = class_labels(cfg, h, None, args.n_per_class)
             images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
-        record["metrics"].update(inception_metrics(images, pixel_config(cfg), args.inception_weights, args.split,
-                                                   args.n_per_class, 0))
+        inc = inception_scores(images, labels, pixel_config(cfg), args.inception_weights, args.split,
+                               args.n_per_class, 0, device=device)
+        record["metrics"].update(inc["metrics"])
+        record["intervals"].update(inc["intervals"])
+        record["inception"] = {"weights_sha256": inc["weights_sha256"], "resolution": 299,
+                               "resize": "torch-fidelity (tf1-bilinear)"}
         write_json(out, record)
-    print(f"{'metric':26s} {'model':>10s} {'floor':>10s}")
-    for name, m, f in table_rows(record):
-        print(f"{name:26s} {m:>10s} {f:>10s}")
+    widths = (30, 28, 28, 20)
+    print("  ".join(f"{h:{w}s}" for h, w in zip(TABLE_HEADER, widths)))
+    for row in table_rows(record):
+        print("  ".join(f"{c:{w}s}" for c, w in zip(row, widths)))
+    for key in ("fid_inception", "is_inception", "fd_dinov2"):
+        if key in record["metrics"]:
+            iv = record["intervals"].get(key)
+            print(f"{key:30s}  {record['metrics'][key]:.3f}" + (f" [{iv['low']:.3f}, {iv['high']:.3f}]" if iv else ""))
+    c = record["card"]
+    print(f"{c['n_generated']} samples vs {c['n_reference']} real {c['reference_split']} images; {c['sampler']} "
+          f"{c['steps']} steps, {c['guidance']} guidance {c['guidance_scales']}; judge: {record['judge']['describe']}")
+    if note := judge_warning(record):
+        print(note)
     print(f"-> {out}")
     return 0

@@ -18,7 +18,7 @@ import torch
 from ..config import apply_overrides, parse_override_args
 from ..engine.build import apply_attention
 from ..engine.datasets import load_data
-from ..engine.evaluate import METRIC_NAMES, evaluate_model, write_json
+from ..engine.evaluate import METRIC_NAMES, evaluate_model, with_interval, write_json
 from ..engine.files import load_model
 from ..engine.paths import model_file
 from ..errors import EfditError, atomic_write
@@ -31,25 +31,31 @@ REFINER_ITEMS = 4096  # training items drawn from a dataset that is not held in 
 
 
 def train_refiner_for(run: str, steps: int = 600, r: float = 2.0, hidden: int = 32, depth: int = 3,
-                      out: str = "", seed: int = 0) -> Path:
-    """Self-supervised refiner on the run's training images (in the model's [-1, 1] space)."""
-    from ..diffusion.hooks.hrig import train_refiner
+                      out: str = "", seed: int = 0, self_supervised: bool = False, progress: bool = False) -> Path:
+    """HRIG's learned enhancer for a run: by default the detail refiner E(x̂0, SNR), trained on the model's own
+    x̂0 at SNRs inside HRIG's band against the real x0 (`train_detail_refiner`: it adds the detail x̂0 lacks);
+    with `self_supervised`, the older refiner that inverts bicubic∘D on the training images."""
+    from ..diffusion.hooks.hrig import train_detail_refiner, train_refiner
+    from ..engine.build import build_diffusion, labels_for
     path = model_file(run)
-    _, cfg, _, meta = load_model(path)
+    model, cfg, _, meta = load_model(path)
     data = load_data(cfg, "train")
-    if hasattr(data, "images"):
-        images = data.images.float() / 127.5 - 1.0  # (N, C, H, W) uint8 -> [-1, 1]
-    else:  # file-backed images or a latent cache: a random part, in the model's space (pixels in [-1, 1] / latents)
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(data), generator=g)[:REFINER_ITEMS]
-        images = data.batch(idx, g)[0]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:REFINER_ITEMS]
+    images, sub, sup = data.batch(idx, g)   # a random part, in the model's space ([-1, 1] pixels / latents)
     t0 = time.time()
-    refiner, losses = train_refiner(images, r=r, hidden=hidden, depth=depth, steps=steps, seed=seed)
+    if self_supervised:
+        refiner, losses = train_refiner(images, r=r, hidden=hidden, depth=depth, steps=steps, seed=seed)
+        what = "self-supervised refiner (bicubic∘D inverted)"
+    else:
+        refiner, losses = train_detail_refiner(model, build_diffusion(cfg), images, labels_for(cfg, sub, sup),
+                                               steps=steps, hidden=hidden, depth=depth, seed=seed, progress=progress)
+        what = "detail refiner (the model's x̂0 in the band -> x0)"
     dst = Path(out) if out else path.parent / "hrig-refiner.safetensors"
     refiner.save(dst)
     k = max(1, steps // 10)
-    print(f"refiner: {steps} steps in {time.time() - t0:.0f} s; MSE vs the clean image: bicubic E "
-          f"{sum(losses[:k]) / k:.5f} (first {k} steps) -> learned E {sum(losses[-k:]) / k:.5f} (last {k}) -> {dst}")
+    print(f"{what}: {steps} steps in {time.time() - t0:.0f} s; loss {sum(losses[:k]) / k:.5f} (first {k} steps) "
+          f"-> {sum(losses[-k:]) / k:.5f} (last {k}) -> {dst}")
     return dst
 
 
@@ -79,7 +85,7 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
             rec["hrig"] = spec
             write_json(dst, rec)
         m = rec["metrics"]
-        rows.append([f"`{spec}`" if spec else "off"] + [fmt.format(m[k]) if k in m else "—"
+        rows.append([f"`{spec}`" if spec else "off"] + [with_interval(rec, k, fmt) if k in m else "—"
                                                         for k, _, fmt in METRIC_NAMES] + [f"{rec.get('sampling_seconds', 0):.0f}"])
         print(f"[{i}/{len(specs)}] hrig={spec or 'off'}: " + ", ".join(f"{k}={m[k]:.4g}" for k, _, _ in METRIC_NAMES
                                                                      if k in m))
@@ -87,7 +93,7 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     fl = rec["floor"]
-    lines.append("| real-vs-real floor | " + " | ".join(fmt.format(fl[k]) if fl.get(k) is not None else "—"
+    lines.append("| real-vs-real floor | " + " | ".join(with_interval(fl, k, fmt) if k in fl["metrics"] else "—"
                                                        for k, _, fmt in METRIC_NAMES) + " | |")
     s = cfg.sample
     text = (f"# HRIG sweep: {path}\n\n{n_per_class} samples per subclass, {s.sampler} {s.steps} steps, guidance "
@@ -121,6 +127,9 @@ def main(argv: list[str]) -> int:
     t.add_argument("--r", type=positive, default=2.0)
     t.add_argument("--hidden", type=positive_int, default=32)
     t.add_argument("--out", default="")
+    t.add_argument("--self-supervised", action="store_true",
+                   help="the older refiner that inverts bicubic∘D (default: the detail refiner on the model's x̂0)")
+    t.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("sweep", help="evaluate HRIG specs (';'-separated) against HRIG off, same noise")
     s.add_argument("run")
     s.add_argument("--specs", default=";".join(DEFAULT_SPECS))
@@ -132,7 +141,8 @@ def main(argv: list[str]) -> int:
     if args.what == "train-refiner":
         if rest:
             raise EfditError(f"unknown options for train-refiner: {' '.join(rest)}")
-        train_refiner_for(args.run, args.steps, args.r, args.hidden, out=args.out)
+        train_refiner_for(args.run, args.steps, args.r, args.hidden, out=args.out,
+                          self_supervised=args.self_supervised, progress=not args.no_progress)
     else:
         specs = [x.strip() for x in args.specs.split(";") if x.strip()]
         sweep(args.run, specs, args.n_per_class, args.out, not args.no_progress,

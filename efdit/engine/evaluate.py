@@ -1,13 +1,21 @@
-"""Evaluating a model: class-balanced samples against a real split, with the real-vs-real floor.
+"""Evaluating a model: class-balanced samples against a real split, with the real-vs-real floor and intervals.
 
-Metrics (all on the same class-balanced protocol, N per subclass):
-  FD-EffNetLite0   Fréchet distance of EfficientNet-Lite0 pooled features (not FID: not comparable with Inception)
-  KID              unbiased MMD² with the cubic polynomial kernel, on the same features (mean ± std over subsets)
-  precision/recall k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)
-  fine / coarse accuracy, superclass consistency: a classifier trained by efdit on the real train split
+Metrics (all on the same class-balanced protocol, N per subclass), each with a bootstrap 95 % interval over the
+generated samples (efdit.metrics.bootstrap: 200 stratified replicates, re-centred percentile intervals):
+  FD-EffNetLite0     Fréchet distance of EfficientNet-Lite0 pooled features (not FID: not comparable with Inception)
+  KID                unbiased MMD² with the cubic polynomial kernel, on the same features
+  precision/recall   k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)
+  fine / coarse accuracy, superclass consistency, fine accuracy among samples whose superclass is right: by the
+                     dataset's judge — the shipped CNN for Fashion-MNIST (better there than a probe, measured), a
+                     linear probe on the same EfficientNet-Lite0 features trained on the real train split otherwise;
+                     the judge's own accuracy on the real reference images stands beside every sample accuracy, and a
+                     judge near chance is said so
+  per-level          mean intra-class FD (per subclass, averaged) and per-superclass FD (biased at small N: compare
+                     only at equal N, beside the floor's)
 The floor is the same protocol with real train images (another class-balanced draw) in place of samples.
-Reference features are cached under `.cache/efdit/features`, keyed by dataset, split, resolution, N, seed and the
-extractor's weight hash; `metrics.json` records that key, and comparing files with different keys is refused.
+Reference features are cached under `$EFDIT_CACHE/features`, keyed by dataset, split, resolution, N, seed and the
+extractor's weight hash; `metrics.json` records that key and a comparability card (extractor, resolution, N,
+reference split, sampler, steps, guidance, seeds), and comparing files whose cards differ is refused.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import torch
 from ..config import Config, apply_overrides
 from ..data.hierarchy import Hierarchy
 from ..errors import EfditError, atomic_write
+from .build import build_diffusion
 from .datasets import load_data
 from .paths import ASSETS, cache_dir
 
@@ -44,9 +53,10 @@ def in_memory(ds, progress: bool = False):
     return ds if hasattr(ds, "images") else ds.to_memory(progress=progress)
 
 
-# the evaluation classifier of a file-backed dataset trains on up to this many train images per subclass, and on
-# at most CLASSIFIER_IMAGES in all (iNat 2021's 10,000 species: 2 each) — memory, not accuracy, sets the limit
-CLASSIFIER_PER_CLASS, CLASSIFIER_IMAGES = 100, 20_000
+# a probe judge trains on up to this many train images per subclass and on at most JUDGE_IMAGES in all (iNat 2021's
+# 10,000 species: 2 each) — feature extraction time and memory, not accuracy, set the limit
+JUDGE_PER_CLASS, JUDGE_IMAGES = 200, 20_000
+REPLICATES = 200   # bootstrap replicates of every metric
 
 
 def _extractor():
@@ -64,38 +74,89 @@ def features_cached(images: torch.Tensor, key: str, extractor, resolution: int, 
     return feats
 
 
-def get_classifier(cfg: Config, progress: bool):
-    """The dataset's evaluation classifier: shipped (fmnist) or trained once on the real train split and cached."""
-    from ..metrics.classifier import load_classifier, load_or_train_classifier
+class Judge:
+    """The dataset's class judge: predicts (fine, coarse) ids of images (a CNN) or of their features (a probe)."""
+
+    def __init__(self, kind: str, model, meta: dict, hierarchy: Hierarchy):
+        self.kind, self.model, self.meta, self.hierarchy = kind, model, meta, hierarchy
+
+    def predict(self, images: torch.Tensor, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "cnn":
+            from ..metrics.classifier import classify
+            return classify(self.model, images)
+        return self.model.predict(feats)
+
+    def describe(self) -> str:
+        return ("the shipped Fashion-MNIST CNN" if self.kind == "cnn" else
+                f"a linear probe on EfficientNet-Lite0 features ({self.meta.get('n_train', '?')} train images)")
+
+
+def get_judge(cfg: Config, resolution: int, progress: bool) -> Judge:
+    """The shipped CNN where one ships for this data at its native size (Fashion-MNIST); otherwise a linear probe
+    on EfficientNet-Lite0 features at `resolution`, trained once on a class-balanced part of the train split and
+    cached."""
+    from ..metrics.classifier import load_classifier
+    from ..metrics.features import weights_sha256
+    from ..metrics.probe import load_probe, save_probe, train_probe
     shipped = ASSETS / f"{cfg.data.dataset}-classifier.safetensors"
     if shipped.is_file() and not cfg.data.image_size and not cfg.data.channels:
-        return load_classifier(shipped)
+        model, meta = load_classifier(shipped)
+        return Judge("cnn", model, meta, model.hierarchy)
     ds = load_data(cfg, "train")
-    name = f"{cfg.data.dataset}-{ds.image_size[0]}x{ds.image_size[1]}x{ds.num_channels}"
-    if not hasattr(ds, "images"):  # file-backed (iNat, VegFru): a class-balanced part of the train split, decoded
-        per_class = min(CLASSIFIER_PER_CLASS, max(2, CLASSIFIER_IMAGES // ds.num_sub))
-        ds = ds.subset_per_class(per_class, seed=0, allow_fewer=True).to_memory(progress)
-        name += f"-n{per_class}"
-        print(f"evaluation classifier: up to {per_class} train images per subclass ({len(ds):,} in all)")
-    print(f"training the {cfg.data.dataset} evaluation classifier once (cached in {cache_dir() / 'classifiers'})")
-    return load_or_train_classifier(cache_dir() / "classifiers" / f"{name}.safetensors", ds.images, ds.sub_labels,
-                                    ds.hierarchy, progress=progress)
+    per_class = min(JUDGE_PER_CLASS, max(2, JUDGE_IMAGES // ds.num_sub))
+    key = (f"{cfg.data.dataset}-{ds.image_size[0]}x{ds.image_size[1]}x{ds.num_channels}-{cfg.data.holdout_per_class}"
+           f"-n{per_class}-r{resolution}-effnet{weights_sha256()}")
+    path = cache_dir() / "probes" / f"{key}.safetensors"
+    if path.is_file():
+        probe, meta = load_probe(path)
+        return Judge("probe", probe, meta, ds.hierarchy)
+    part = in_memory(ds.subset_per_class(per_class, seed=0, allow_fewer=True), progress)
+    print(f"training the {cfg.data.dataset} judge once: a linear probe on EfficientNet-Lite0 features of "
+          f"{len(part):,} train images (cached in {path.parent})")
+    feats = _extractor().extract(part.images, resolution=resolution, progress=progress)
+    probe = train_probe(feats, part.sub_labels, part.hierarchy)
+    meta = {"n_train": len(part), "resolution": resolution, "extractor_sha256": weights_sha256()}
+    save_probe(path, probe, meta)
+    return Judge("probe", probe, meta, part.hierarchy)
 
 
-def score(gen_feats, ref_feats, gen_images, gen_sub_labels, classifier, hierarchy: Hierarchy,
-          kid_subset: int = 1000) -> dict:
-    from ..metrics.classifier import accuracy_report
-    from ..metrics.fd import frechet_distance_from_features
-    from ..metrics.kid import kernel_distance
-    from ..metrics.prdc import precision_recall
-    kid = kernel_distance(ref_feats, gen_feats, subset_size=min(kid_subset, len(gen_feats), len(ref_feats)))
-    pr = precision_recall(ref_feats, gen_feats, k=3)
-    out = {"fd_effnetlite0": frechet_distance_from_features(gen_feats, ref_feats), "kid": kid.mean,
-           "kid_std": kid.std, "precision": pr.precision, "recall": pr.recall}
-    if gen_sub_labels is not None and classifier is not None:
-        acc = accuracy_report(classifier, gen_images, gen_sub_labels, hierarchy)
-        out.update(fine_acc=acc["fine_acc"], coarse_acc=acc["coarse_acc"], super_consistency=acc["super_consistency"])
-    return {k: float(v) for k, v in out.items()}
+def judge_on_real(judge: Judge, images, feats, sub_labels, hierarchy: Hierarchy) -> dict:
+    """The judge's accuracy on real images (the reference): fine and coarse with Wilson 95 % intervals, and whether
+    it is near chance (efdit.metrics.probe.judge_reliability)."""
+    from ..metrics.probe import judge_reliability, wilson_interval
+    fine, coarse = judge.predict(images, feats)
+    y = np.asarray(sub_labels)
+    n = len(y)
+    fine_right = int((fine == y).sum())
+    coarse_right = int((coarse == hierarchy.parent.numpy()[y]).sum())
+    rel = judge_reliability(fine_right / n, n, hierarchy.num_sub)
+    return {"kind": judge.kind, "describe": judge.describe(), "n": n,
+            "fine_acc": fine_right / n, "fine_interval": list(wilson_interval(fine_right, n)),
+            "coarse_acc": coarse_right / n, "coarse_interval": list(wilson_interval(coarse_right, n)),
+            "kappa": rel["kappa"], "near_chance": bool(rel["near_chance"]), "chance": rel["chance"]}
+
+
+def score(gen_feats, ref_feats, ref_labels, gen_labels, preds, hierarchy: Hierarchy, seed: int = 0) -> dict:
+    """Every metric with its bootstrap interval. gen_labels: the requested subclass ids (None: unlabelled samples,
+    distribution metrics only); preds: the judge's (fine, coarse) predictions or None.
+    -> {"metrics": {name: value}, "intervals": {name: {value, low, high, …}}, "per_class": …, "bootstrap": …}."""
+    from ..metrics.bootstrap import bootstrap_metrics
+    from ..metrics.per_class import intra_class_fd, per_superclass_fd
+    fine, coarse = preds if preds is not None else (None, None)
+    res = bootstrap_metrics(gen_feats, ref_feats, sub_labels=gen_labels, fine_pred=fine, coarse_pred=coarse,
+                            hierarchy=hierarchy, replicates=REPLICATES, seed=seed)
+    out = {"metrics": {k: float(v) for k, v in res.point.items()},
+           "intervals": {k: iv.to_dict() for k, iv in res.intervals().items()},
+           "bootstrap": res.to_dict(replicates=True)}
+    if gen_labels is not None:
+        labels, ref_y = np.asarray(gen_labels), np.asarray(ref_labels)
+        intra = intra_class_fd(gen_feats, labels, ref_feats, ref_y, hierarchy)
+        sup = per_superclass_fd(gen_feats, labels, ref_feats, ref_y, hierarchy)
+        out["per_class"] = {"intra": intra, "super": sup}
+        for key, part in (("intra_class_fd", intra), ("super_fd", sup)):
+            if part["mean"] is not None:   # None: too few samples per class for an FD
+                out["metrics"][key] = float(part["mean"])
+    return out
 
 
 def reference_id(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int) -> str:
@@ -105,9 +166,11 @@ def reference_id(cfg: Config, split: str, n_per_class: int, resolution: int, see
     return f"{d.dataset}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}-effnet{weights_sha256()}"
 
 
-def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int, classifier,
+def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int, judge: Judge | None,
                         progress: bool):
-    """Reference features of the split, and the real-vs-real floor (train draw vs the reference)."""
+    """Reference features of the split, the judge's accuracy on them, and the real-vs-real floor (a train draw
+    scored against the reference like samples are). -> (ref_id, ref_feats, ref_labels, floor, judge_record,
+    extractor, hierarchy)."""
     ref_id = reference_id(cfg, split, n_per_class, resolution, seed)
     extractor = _extractor()
     ref_images, ref_labels, h = real_subset(cfg, split, n_per_class, seed)
@@ -115,23 +178,26 @@ def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: i
     other_split = "train" if split != "train" else "test"
     floor_images, floor_labels, _ = real_subset(cfg, other_split, n_per_class, seed + 1)
     floor_feats = features_cached(floor_images, f"{ref_id}-floor-{other_split}", extractor, resolution, progress)
-    floor = score(floor_feats, ref_feats, ref_images, ref_labels, classifier, h)
-    floor["note"] = (f"real {other_split} images (N per class) vs the reference; accuracies are the classifier's "
-                     f"on the real {split} reference images")
-    return ref_id, ref_feats, floor, extractor, h
+    judged = judge_on_real(judge, ref_images, ref_feats, ref_labels, h) if judge is not None else None
+    preds = judge.predict(floor_images, floor_feats) if judge is not None else None
+    floor = score(floor_feats, ref_feats, ref_labels, floor_labels, preds, h)
+    floor["note"] = f"real {other_split} images (N per class) scored against the reference like samples"
+    return ref_id, ref_feats, ref_labels, floor, judged, extractor, h
 
 
 def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 100, split: str = "test",
                    resolution: int = 64, seed: int = 0, progress: bool = True, model_sha: str = "",
                    out_json: Path | None = None, device="cpu", images: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None) -> dict:
-    """Sample class-balanced (or score the given images/labels), compute the metrics and the floor."""
+    """Sample class-balanced (or score the given images/labels), compute the metrics with intervals and the floor."""
+    from ..metrics.card import comparability_card
+    from ..metrics.features import weights_sha256
     from .generate import class_labels, generate, guidance_of
     t0 = time.time()
     data_cfg = pixel_config(cfg)
-    classifier, cmeta = get_classifier(data_cfg, progress)
-    ref_id, ref_feats, floor, extractor, h = reference_and_floor(data_cfg, split, n_per_class, resolution, seed,
-                                                                 classifier, progress)
+    judge = get_judge(data_cfg, resolution, progress)
+    ref_id, ref_feats, ref_labels, floor, judged, extractor, h = reference_and_floor(
+        data_cfg, split, n_per_class, resolution, seed, judge, progress)
     if h != hierarchy:
         raise EfditError("the model's hierarchy differs from the evaluation dataset's")
     if images is None:
@@ -139,20 +205,33 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
         images = generate(model, cfg, labels, device=device, progress=progress)
     t_sample = time.time() - t0
     gen_feats = extractor.extract(images, resolution=resolution, progress=progress)
-    sub_labels = labels if cfg.model.condition_on == "sub" else None
-    metrics = score(gen_feats, ref_feats, images, sub_labels, classifier, hierarchy)
-    if cfg.model.condition_on == "super":  # a superclass model: coarse accuracy of its samples only
-        from ..metrics.classifier import classify
-        _, coarse = classify(classifier, images)
-        metrics["coarse_acc"] = float((torch.as_tensor(coarse) == labels).float().mean())
+    sub = cfg.model.condition_on == "sub"
+    preds = judge.predict(images, gen_feats)
+    scored = score(gen_feats, ref_feats, ref_labels, labels if sub else None, preds if sub else None, hierarchy,
+                   seed=cfg.sample.seed)
+    if not sub:  # a superclass model: coarse accuracy of its samples only
+        from ..metrics.probe import wilson_interval
+        right = int((torch.as_tensor(preds[1]) == labels).sum())
+        scored["metrics"]["coarse_acc"] = right / len(labels)
+        low, high = wilson_interval(right, len(labels))
+        scored["intervals"]["coarse_acc"] = {"value": right / len(labels), "low": low, "high": high,
+                                             "method": "wilson"}
     g = guidance_of(cfg)
+    card = comparability_card(extractor="effnet-lite0", extractor_weights_sha256=weights_sha256(),
+                              resize="bilinear-antialias", resolution=resolution, n_generated=int(len(images)),
+                              n_reference=int(len(ref_feats)), dataset=cfg.data.dataset, reference_split=split,
+                              sampler=cfg.sample.sampler, respacing=str(cfg.sample.steps),
+                              steps=build_diffusion(cfg, cfg.sample.steps).num_timesteps, guidance=g.mode,
+                              guidance_scales={"scale": g.scale, "scale_super": g.scale_super,
+                                               "interval": list(g.interval) if g.interval else None},
+                              seeds=[cfg.sample.seed], reference_seed=seed)
     record = {
         "model_sha256": model_sha, "dataset": cfg.data.dataset, "split": split, "reference_id": ref_id,
         "sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "eta": cfg.sample.eta, "guidance": g.mode,
         "cfg_scale": g.scale, "cfg_scale_super": g.scale_super, "cfg_channels": g.channels,
         "clip_x0": cfg.sample.clip_x0, "seed": cfg.sample.seed, "n_per_class": n_per_class, "n": int(len(images)),
-        "resolution": resolution, "metrics": metrics, "floor": floor,
-        "classifier": {"test_acc": cmeta.get("test_acc"), "test_coarse_acc": cmeta.get("test_coarse_acc")},
+        "resolution": resolution, "card": card, **scored, "floor": floor, "judge": judged,
+        "classifier": {"test_acc": judged["fine_acc"], "test_coarse_acc": judged["coarse_acc"]},
         "seconds": round(time.time() - t0, 1), "sampling_seconds": round(t_sample, 1),
     }
     if out_json is not None:
@@ -160,14 +239,26 @@ def evaluate_model(model, cfg: Config, hierarchy: Hierarchy, n_per_class: int = 
     return record
 
 
-def choose_guidance(model, cfg: Config, hierarchy: Hierarchy, scales: list[float], n_per_class: int = 20,
-                    resolution: int = 64, progress: bool = False, device="cpu") -> tuple[float, list[dict]]:
-    """The guidance scale with the lowest class-conditional FD on the held-out part of the train split
-    (`data.holdout_per_class`; never the test split): for each scale, `n_per_class` samples of every subclass, and
-    per subclass the FD between its samples and its held-out images, averaged over subclasses — a scale that makes
-    samples sharper but of the wrong subclass, or right but implausible, both score worse. The same labels and
-    noise (sample.seed) for every scale. -> (best scale, one row per scale)."""
-    from ..metrics.fd import frechet_distance_from_features
+def judge_warning(record: dict) -> str | None:
+    """A line for reports when the judge's accuracy on real images is near chance (its sample accuracies then say
+    little about the samples)."""
+    j = record.get("judge")
+    if not j or not j.get("near_chance"):
+        return None
+    return (f"warning: the judge ({j['describe']}) is near chance on real {record['split']} images: fine accuracy "
+            f"{j['fine_acc']:.1%} [{j['fine_interval'][0]:.1%}, {j['fine_interval'][1]:.1%}], chance "
+            f"{j['chance']:.1%}; the sample accuracies below say little")
+
+
+def choose_guidance(model, cfg: Config, hierarchy: Hierarchy, trials: list[dict], n_per_class: int = 20,
+                    resolution: int = 64, progress: bool = False, device="cpu") -> tuple[dict, list[dict]]:
+    """The guidance setting (one of `trials`: sampling overrides such as {"sample.cfg_scale": 3.0}) with the lowest
+    class-conditional FD on the held-out part of the train split (`data.holdout_per_class`; never the test split):
+    for each trial, `n_per_class` samples of every subclass, and per subclass the FD between its samples and its
+    held-out images, averaged over subclasses — a setting that makes samples sharper but of the wrong subclass, or
+    right but implausible, both score worse. The same labels and noise (sample.seed) for every trial.
+    -> (the best trial, one row per trial)."""
+    from ..metrics.per_class import intra_class_fd
     from .generate import class_labels, generate
     held = in_memory(load_data(pixel_config(cfg), "holdout"))
     if held.hierarchy != hierarchy:
@@ -177,14 +268,12 @@ def choose_guidance(model, cfg: Config, hierarchy: Hierarchy, scales: list[float
     ref_labels = held.sub_labels.numpy()
     labels = class_labels(cfg, hierarchy, None, n_per_class)
     rows = []
-    for scale in scales:
-        trial = apply_overrides(copy.deepcopy(cfg), {"sample.cfg_scale": float(scale)})
-        images = generate(model, trial, labels, device=device, progress=progress)
+    for trial in trials:
+        images = generate(model, apply_overrides(copy.deepcopy(cfg), trial), labels, device=device, progress=progress)
         feats = extractor.extract(images, resolution=resolution, progress=progress)
-        per_class = [frechet_distance_from_features(feats[labels.numpy() == c], ref[ref_labels == c])
-                     for c in range(hierarchy.num_sub)]
-        rows.append({"cfg_scale": float(scale), "class_fd": float(np.mean(per_class))})
-    best = min(rows, key=lambda r: r["class_fd"])["cfg_scale"]
+        rows.append({"trial": dict(trial),
+                     "class_fd": float(intra_class_fd(feats, labels.numpy(), ref, ref_labels, hierarchy)["mean"])})
+    best = min(rows, key=lambda r: r["class_fd"])["trial"]
     return best, rows
 
 
@@ -195,47 +284,85 @@ def write_json(path: str | Path, record: dict) -> Path:
     return Path(path)
 
 
-def compare(a: dict, b: dict) -> list[tuple[str, float, float]]:
-    if a["reference_id"] != b["reference_id"]:
-        raise EfditError(f"refusing to compare metrics against different reference stats: "
-                         f"{a['reference_id']} vs {b['reference_id']}")
-    return [(k, a["metrics"][k], b["metrics"].get(k, float("nan"))) for k in a["metrics"]]
+def compare(a: dict, b: dict) -> tuple[str, list[dict]]:
+    """Two metrics.json records compared: refused unless their comparability cards agree (seeds and sampling may
+    differ: that is what is compared); per metric the bootstrap interval of a − b — paired (the same index draws in
+    both, valid for samples of the same noise and labels) when the records' plans agree, else unpaired — and the
+    verdict "differs" only when that interval excludes 0. -> (how they were paired, one row per metric)."""
+    from ..metrics.bootstrap import BootstrapResult, paired_difference, unpaired_difference
+    from ..metrics.card import card_differences, describe_differences
+    if "card" not in a or "card" not in b or "bootstrap" not in a or "bootstrap" not in b:
+        raise EfditError("these metrics.json files predate intervals and comparability cards: re-evaluate them")
+    diffs = card_differences(a["card"], b["card"], ignore=("seeds", "sampler", "steps", "respacing", "guidance",
+                                                           "guidance_scales"))
+    if diffs:
+        raise EfditError(f"refusing to compare: {describe_differences(diffs)}")
+    ra, rb = BootstrapResult.from_dict(a["bootstrap"]), BootstrapResult.from_dict(b["bootstrap"])
+    paired = ra.plan == rb.plan
+    found = (paired_difference if paired else unpaired_difference)(ra, rb)
+    how = ("paired (same samples count, labels and bootstrap draws: same seed)" if paired else
+           "unpaired (independent sample sets)")
+    return how, [d.to_dict() for d in found.values()]
 
 
 METRIC_NAMES = [("fd_effnetlite0", "FD-EffNetLite0 ↓", "{:.2f}"), ("kid", "KID ↓", "{:.3f}"),
                 ("precision", "precision ↑", "{:.3f}"), ("recall", "recall ↑", "{:.3f}"),
                 ("fine_acc", "fine accuracy ↑", "{:.1%}"), ("coarse_acc", "coarse accuracy ↑", "{:.1%}"),
-                ("super_consistency", "superclass consistency ↑", "{:.1%}")]
+                ("super_consistency", "superclass consistency ↑", "{:.1%}"),
+                ("fine_acc_given_super", "fine acc. | right superclass ↑", "{:.1%}"),
+                ("intra_class_fd", "mean intra-class FD ↓", "{:.1f}"), ("super_fd", "mean per-superclass FD ↓", "{:.1f}")]
+JUDGED = {"fine_acc": "fine_acc", "coarse_acc": "coarse_acc"}   # the judge's own accuracy on real images
+
+
+def with_interval(scored: dict, key: str, fmt: str) -> str:
+    """"value [low, high]" (the bootstrap 95 % interval) or the value alone when the metric has none."""
+    v = scored["metrics"][key]
+    iv = scored.get("intervals", {}).get(key)
+    return f"{fmt.format(v)} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]" if iv else fmt.format(v)
 
 
 def table_rows(record: dict) -> list[list[str]]:
+    """[metric, model with interval, floor with interval, the judge's accuracy on real images]."""
     rows = []
+    judge = record.get("judge") or {}
     for key, name, fmt in METRIC_NAMES:
         if key not in record["metrics"]:
             continue
-        m, f = record["metrics"][key], record["floor"].get(key)
-        rows.append([name, fmt.format(m), fmt.format(f) if f is not None else "—"])
+        floor = with_interval(record["floor"], key, fmt) if key in record["floor"].get("metrics", {}) else "—"
+        real = fmt.format(judge[JUDGED[key]]) if key in JUDGED and key in judge else ""
+        rows.append([name, with_interval(record, key, fmt), floor, real])
     return rows
 
 
-def inception_metrics(images: torch.Tensor, cfg: Config, weights: str, split: str, n_per_class: int, seed: int) -> dict:
-    """FID / IS with Inception-v3 through torch-fidelity, from a local weights file only."""
-    if not Path(weights).is_file():
-        raise EfditError(f"Inception weights not found: {weights} (torch-fidelity's "
-                         f"weights-inception-2015-12-05-6726825d.pth; efdit never downloads it)")
-    import torch_fidelity
+TABLE_HEADER = ["metric", "model [95 % CI]", "real-vs-real floor", "judge on real images"]
 
-    class _Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x if x.shape[1] == 3 else x.repeat(1, 3, 1, 1)
 
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
+def inception_scores(images: torch.Tensor, labels, cfg: Config, weights: str, split: str, n_per_class: int,
+                     seed: int, device="cpu") -> dict:
+    """FID / IS with Inception-v3 (torch-fidelity's network and metric code) from a local weights file read with
+    weights_only=True, against the same class-balanced reference; FID with its bootstrap interval."""
+    from ..metrics.bootstrap import bootstrap_metrics
+    from ..metrics.inception import inception_metrics
     ref, _, _ = real_subset(cfg, split, n_per_class, seed)
-    out = torch_fidelity.calculate_metrics(input1=_Images(images), input2=_Images(ref), fid=True, isc=True,
-                                           feature_extractor_weights_path=weights, verbose=False, cuda=False)
-    return {"fid_inception": float(out["frechet_inception_distance"]), "is_inception": float(out["inception_score_mean"])}
+    out = inception_metrics(images, ref, weights, device=device, return_features=True)
+    feats = out.pop("features")
+    res = bootstrap_metrics(feats["generated"]["2048"], feats["reference"]["2048"], fd_key="fid_inception",
+                            kid=False, prc=False, sub_labels=labels, replicates=REPLICATES, seed=seed)
+    return {"metrics": {"fid_inception": out["fid_inception"], "is_inception": out["is_inception"]},
+            "intervals": {"fid_inception": res.interval("fid_inception").to_dict()},
+            "weights_sha256": out["weights_sha256"]}
+
+
+def dinov2_scores(images: torch.Tensor, labels, cfg: Config, folder: str, split: str, n_per_class: int,
+                  seed: int, device="cpu") -> dict:
+    """FD-DINOv2 (Stein et al. 2023: the CLS features of a local DINOv2 folder, through transformers) against the
+    same class-balanced reference, with its bootstrap interval."""
+    from ..metrics.bootstrap import bootstrap_metrics
+    from ..metrics.dinov2 import DinoV2Extractor, dinov2_weights_sha256
+    ref, _, _ = real_subset(cfg, split, n_per_class, seed)
+    extractor = DinoV2Extractor(folder, device=device)
+    res = bootstrap_metrics(extractor.extract(images), extractor.extract(ref), fd_key="fd_dinov2", kid=False,
+                            prc=False, sub_labels=labels, replicates=REPLICATES, seed=seed)
+    return {"metrics": {"fd_dinov2": res.point["fd_dinov2"]},
+            "intervals": {"fd_dinov2": res.interval("fd_dinov2").to_dict()},
+            "weights_sha256": dinov2_weights_sha256(folder)}

@@ -5,12 +5,31 @@ local weights; the comparability card.
 Every module here imports only numpy and torch at import time; torch-fidelity (whose metric functions
 we reuse), transformers, scipy.stats, tqdm and safetensors are imported inside the functions that need them.
 """
-from efdit.metrics.bootstrap import (BootstrapResult, Difference, FrechetReference, Interval, bootstrap_metrics,
-                                     combine_seeds, difference_result, draw_indices, frechet_distance_exact,
-                                     paired_difference, percentile_interval, unpaired_difference)
+from efdit.metrics.bootstrap import (
+                                     BootstrapResult,
+                                     Difference,
+                                     FrechetReference,
+                                     Interval,
+                                     bootstrap_metrics,
+                                     combine_seeds,
+                                     difference_result,
+                                     draw_indices,
+                                     frechet_distance_exact,
+                                     paired_difference,
+                                     percentile_interval,
+                                     unpaired_difference,
+)
 from efdit.metrics.card import CARD_FIELDS, card_differences, comparability_card, describe_differences
-from efdit.metrics.classifier import (HierarchicalClassifier, accuracy_report, classify, hierarchy_scores,
-                                      load_classifier, load_or_train_classifier, save_classifier, train_classifier)
+from efdit.metrics.classifier import (
+                                     HierarchicalClassifier,
+                                     accuracy_report,
+                                     classify,
+                                     hierarchy_scores,
+                                     load_classifier,
+                                     load_or_train_classifier,
+                                     save_classifier,
+                                     train_classifier,
+)
 from efdit.metrics.fd import feature_stats, frechet_distance, frechet_distance_from_features
 from efdit.metrics.features import EfficientNetLite0, FeatureExtractor, load_effnet_lite0, weights_sha256
 from efdit.metrics.kid import KID, kernel_distance
