@@ -49,6 +49,7 @@ class DataConfig:
     sub_level: str = ""
     split: str = ""                # the training split; "" = the dataset's own (iNat 2021: train_mini | train | val)
     holdout_per_class: int = 0     # held out of the training split per subclass (split "holdout": choose settings)
+    train_per_class: int = 0       # train on only this many images per subclass (a few-shot regime); 0 = all
     latent_cache: str = ""         # a folder written by `efdit cache-latents`: train on its latents instead
     vae: str = ""                  # a LOCAL diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse): encode / decode
 
@@ -385,7 +386,7 @@ RULES: dict[str, object] = {
     "model.embedder": ("flat", "tiered"), "model.tiered_mode": ("sum", "finediffusion"),
     "model.null_prob": "fraction", "model.peft": PEFT, "model.lora_rank": "pos_int",
     "model.difffit_blocks": ("all", "first_half"), "model.guidance_embed": (False, True),
-    "data.image_size": "nonneg_int", "data.holdout_per_class": "nonneg_int", "data.channels": (0, 1, 3), "data.on_bad_image": ("skip", "fail"),
+    "data.image_size": "nonneg_int", "data.holdout_per_class": "nonneg_int", "data.train_per_class": "nonneg_int", "data.channels": (0, 1, 3), "data.on_bad_image": ("skip", "fail"),
     "diffusion.schedule": ("linear", "cosine"), "diffusion.steps": "pos_int",
     "diffusion.prediction": ("eps", "v", "x0"), "diffusion.loss": ("hybrid", "mse"),
     "diffusion.timesteps": ("uniform", "lognormal"), "diffusion.lognormal_mean": "finite",

@@ -358,3 +358,14 @@ def test_holdout_is_a_disjoint_class_balanced_part_of_the_train_split():
     assert torch.equal(again.images, held.images) and held.split == "train-holdout"   # the same part every time
     with pytest.raises(EfditError, match="no held-out split"):
         load_data(build_config("digits-tiny", {}), "holdout")
+
+
+def test_few_shot_training_split_excludes_the_holdout():
+    from efdit.config import build_config
+    from efdit.engine.datasets import load_data
+    cfg = build_config("digits-tiny", {"data.holdout_per_class": 5, "data.train_per_class": 20})
+    train, held = load_data(cfg, "train"), load_data(cfg, "holdout")
+    assert train.class_counts().tolist() == [20] * 10 and held.class_counts().tolist() == [5] * 10
+    rows = {tuple(x.flatten().tolist()) for x in train.images}
+    assert not any(tuple(x.flatten().tolist()) in rows for x in held.images)   # no held-out image is trained on
+    assert torch.equal(load_data(cfg, "train").images, train.images)           # the same few images every time

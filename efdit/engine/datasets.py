@@ -8,6 +8,8 @@ from ..config import Config
 from ..data import ALIASES, build_dataset
 from ..errors import EfditError
 
+FEW_SHOT_SEED = 31_415   # the few-shot training images are the same whatever else is seeded
+
 
 def load_data(cfg: Config, split: str = "train", lazy: bool = False):
     """The config's training data (`data.latent_cache` if set: a LatentDataset), or another split.
@@ -20,10 +22,17 @@ def load_data(cfg: Config, split: str = "train", lazy: bool = False):
     if split in ("train", "holdout") and d.holdout_per_class:
         whole = _build(cfg, d.split or default_split(d.dataset), lazy)
         rest, held = whole.holdout(d.holdout_per_class)
-        return rest if split == "train" else held
+        return few_shot(rest, d.train_per_class) if split == "train" else held
     if split == "holdout":
         raise EfditError("there is no held-out split: set --data.holdout_per_class N")
-    return _build(cfg, d.split or default_split(d.dataset) if split == "train" else split, lazy)
+    if split == "train":
+        return few_shot(_build(cfg, d.split or default_split(d.dataset), lazy), d.train_per_class)
+    return _build(cfg, split, lazy)
+
+
+def few_shot(ds, n_per_class: int):
+    """The first `n_per_class` images of every subclass by a fixed draw (data.train_per_class; 0 = all of them)."""
+    return ds.subset_per_class(n_per_class, seed=FEW_SHOT_SEED, allow_fewer=True) if n_per_class else ds
 
 
 def _build(cfg: Config, split: str, lazy: bool):
