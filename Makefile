@@ -37,6 +37,7 @@ data-all:
 	@bash scripts/install_data.sh --emoji
 
 test: setup data-all browser
+	@$(PY) -m ruff check --quiet efdit tests benchmarks scripts || { echo "ruff: lint errors above"; exit 1; }
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 

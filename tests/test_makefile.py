@@ -38,7 +38,8 @@ def test_readme_targets_run_under_posix_sh(tmp_path, shell, target):
     assert "Illegal option" not in r.stderr and "not found" not in r.stderr, r.stderr
     calls = (box / "calls.log").read_text()
     assert "python -m pip install -q -c constraints.txt -e ." in calls   # the set-up recipe ran
-    assert ("python -m pytest -q" in calls) if target == "test" else ("efdit demo" in calls)
+    assert ("python -m pytest -q" in calls and "python -m ruff check" in calls) if target == "test" else \
+        ("efdit demo" in calls)
 
 
 def test_every_recipe_line_parses_under_dash(tmp_path):
