@@ -33,6 +33,8 @@ class ModelConfig:
     null_prob: float = 0.0         # tiered sum: rarer second drop to a fully null label (enables null CFG)
     peft: str = "full"             # full | bitfit | difffit | finediffusion | efdit | lora (what trains)
     lora_rank: int = 8
+    attn_adapt: str = "auto"       # attention weights beyond the PEFT rule: auto | frozen | lora | full (auto: LoRA
+    #                                on qkv / proj when a non-SDPA backend runs under a rule that freezes them)
     difffit_blocks: str = "all"    # all | first_half
     guidance_embed: bool = False   # the guidance scale w as an input (a student of `efdit distill-guidance`)
 
@@ -47,6 +49,7 @@ class DataConfig:
     on_bad_image: str = "skip"     # skip | fail (folder format)
     super_level: str = ""          # emoji: group | subgroup | emoji
     sub_level: str = ""
+    categories: str = ""           # emoji: "all" groups, or comma-separated group names; "" = the dataset's default
     split: str = ""                # the training split; "" = the dataset's own (iNat 2021: train_mini | train | val)
     holdout_per_class: int = 0     # held out of the training split per subclass (split "holdout": choose settings)
     train_per_class: int = 0       # train on only this many images per subclass (a few-shot regime); 0 = all
@@ -171,6 +174,16 @@ PRESETS: dict[str, dict] = {
                        "train.ema_decay": 0.9995, "train.total_images": 4_000_000, "train.minutes": 0.0,
                        "train.ckpt_every": 16_384, "train.log_every": 8_192, "train.sample_every": 262_144,
                        "train.threads": 1, "sample.per_class": 8},
+    # The RGB base for one's own images (efdit/assets/emoji-base.safetensors): the whole emoji set, both drawing styles
+    # (3,812 images, 98 subgroups under 9 groups) at 32 px RGB, the fmnist-base-v2 recipe; fine-tune a folder with
+    # `efdit train --dataset folder --root DIR --image-size 32 --init-from emoji-base --init-labels random`.
+    "emoji-base": {"data.dataset": "emoji", "data.super_level": "group", "data.sub_level": "subgroup",
+                   "data.categories": "all", "data.image_size": 32, "model.patch_size": 4, "model.hidden_size": 256,
+                   "model.depth": 6, "model.num_heads": 4, "diffusion.weighting": "min_snr",
+                   "diffusion.min_snr_gamma": 5.0, "train.batch_size": 64, "train.lr": 6e-4,
+                   "train.warmup_images": 10_000, "train.ema_decay": 0.9995, "train.total_images": 4_000_000,
+                   "train.minutes": 0.0, "train.ckpt_every": 16_384, "train.log_every": 8_192,
+                   "train.sample_every": 131_072, "train.threads": 1, "sample.per_class": 2},
     # The demo's fine-tuning step: the base onto the 10 subclasses, about 5 CPU minutes on 2 cores, a fixed number of
     # images (deterministic), with the FineDiffusion PEFT rule (biases + LN affine + label table, 0.46 %) at 10x the
     # full fine-tuning lr; 50 train images per subclass are held out to choose the guidance scale on. Sampling:
@@ -385,6 +398,7 @@ RULES: dict[str, object] = {
     "model.pos_embed": ("sincos", "learned"), "model.condition_on": ("sub", "super"),
     "model.embedder": ("flat", "tiered"), "model.tiered_mode": ("sum", "finediffusion"),
     "model.null_prob": "fraction", "model.peft": PEFT, "model.lora_rank": "pos_int",
+    "model.attn_adapt": ("auto", "frozen", "lora", "full"),
     "model.difffit_blocks": ("all", "first_half"), "model.guidance_embed": (False, True),
     "data.image_size": "nonneg_int", "data.holdout_per_class": "nonneg_int", "data.train_per_class": "nonneg_int", "data.channels": (0, 1, 3), "data.on_bad_image": ("skip", "fail"),
     "diffusion.schedule": ("linear", "cosine"), "diffusion.steps": "pos_int",

@@ -42,6 +42,8 @@ def _build(cfg: Config, split: str, lazy: bool):
         kw["super_level"] = d.super_level
     if d.sub_level:
         kw["sub_level"] = d.sub_level
+    if d.categories:
+        kw["categories"] = d.categories if d.categories == "all" else tuple(c.strip() for c in d.categories.split(","))
     return build_dataset(d.dataset, split=split, image_size=d.image_size or None, channels=d.channels or None,
                          root=d.root or None, on_bad_image=d.on_bad_image, **kw)
 
