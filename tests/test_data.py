@@ -369,3 +369,17 @@ def test_few_shot_training_split_excludes_the_holdout():
     rows = {tuple(x.flatten().tolist()) for x in train.images}
     assert not any(tuple(x.flatten().tolist()) in rows for x in held.images)   # no held-out image is trained on
     assert torch.equal(load_data(cfg, "train").images, train.images)           # the same few images every time
+
+
+def test_folder_with_split_folders_reads_each_split_from_its_own_tree(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        for sup, sub in (("animals", "cat"), ("food", "apple")):
+            for i in range(n):
+                _png(tmp_path / split / sup / sub / f"{i}.png", (i * 40, 0, 0))
+    train = build_dataset("folder", root=tmp_path, split="train", image_size=8)
+    test = build_dataset("folder", root=tmp_path, split="test", image_size=8)
+    assert (len(train), len(test)) == (6, 4) and train.hierarchy == test.hierarchy
+    lazy = build_dataset("folder", root=tmp_path, split="test", image_size=8, lazy=True)
+    assert len(lazy) == 4
+    with pytest.raises(EfditError, match="holds split folders .* but no val/"):
+        build_dataset("folder", root=tmp_path, split="val", image_size=8)

@@ -161,10 +161,11 @@ class FileDataset(LabelSummary, torch.utils.data.Dataset):
 def folder_files(root: str | os.PathLike, split: str = "train", image_size=None, channels=None,
                  on_bad_image: str = "fail", allow_empty_classes: bool = False) -> FileDataset:
     """The folder format (root/<superclass>/<subclass>/*.jpg, see efdit.data.folder) read lazily."""
-    from .folder import LAYOUT, scan_folder
+    from .folder import LAYOUT, scan_folder, split_root
     root = Path(root).expanduser()
     if not root.is_dir():
         raise EfditError(f"image folder {root} does not exist (expected {LAYOUT})")
+    root = split_root(root, split)
     classes, _ = scan_folder(root)
     files = [f for _, _, fs in classes for f in fs]
     if not files:

@@ -2,6 +2,8 @@
 
     root/<superclass>/<subclass>/*.png|jpg|jpeg|webp|bmp      e.g. root/birds/eagle/0001.jpg
 
+A root that holds split folders — `root/train/…` beside `root/test/…` (or `val/`) — gives each split its own
+tree; otherwise every split reads the one tree.
 Superclass and subclass names are the folder names (subclass names must be unique across superclasses).
 Folders, subfolders and files are read in sorted order, so ids are deterministic: superclass ids follow
 the sorted superclass folders, subclass ids the sorted (superclass, subclass) pairs. Hidden entries
@@ -45,6 +47,19 @@ def _visible(p: Path) -> bool:
 
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in EXTENSIONS and _visible(p)
+
+
+SPLIT_FOLDERS = ("train", "test", "val")
+
+
+def split_root(root: Path, split: str) -> Path:
+    """root/<split> when root holds split folders (train/ beside test/ or val/), else root itself."""
+    if (root / "train").is_dir() and any((root / s).is_dir() for s in SPLIT_FOLDERS[1:]):
+        if not (root / split).is_dir():
+            have = ", ".join(s for s in SPLIT_FOLDERS if (root / s).is_dir())
+            raise EfditError(f"{root} holds split folders ({have}) but no {split}/")
+        return root / split
+    return root
 
 
 def scan_folder(root: Path) -> tuple[list[tuple[str, str, list[Path]]], int]:
@@ -126,6 +141,7 @@ def load_folder(root: str | os.PathLike, split: str = "train", image_size: int |
     root = Path(root).expanduser()
     if not root.is_dir():
         raise EfditError(f"image folder {root} does not exist (expected {LAYOUT})")
+    root = split_root(root, split)
     classes, stray = scan_folder(root)
     files = [f for _, _, fs in classes for f in fs]
     if not files:
