@@ -76,3 +76,32 @@ def test_hrig_sweep_reuses_only_matching_rows(tmp_path):
     assert _reusable(p, "gain=0.5", "abc", 10, cfg) is None          # another N
     cfg.sample.steps = "25"
     assert _reusable(p, "gain=0.5", "abc", 20, cfg) is None          # another sampler setting
+
+
+def test_unsharp_mask_baseline_by_hand():
+    import torch
+
+    from efdit.commands.hrig import unsharp_mask
+    flat = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
+    assert torch.equal(unsharp_mask(flat, 1.0), flat)                       # nothing to sharpen
+    x = torch.zeros(1, 1, 9, 9, dtype=torch.uint8)
+    x[..., 4, 4] = 100
+    y = unsharp_mask(x, 1.0)
+    assert y[0, 0, 4, 4] > 100 and y[0, 0, 4, 3] == 0                        # the peak grows, its ring clips at 0
+    assert torch.equal(unsharp_mask(x, 0.0), x)
+
+
+def test_hrig_sweep_rows_share_noise_and_measure_spectra(tmp_path, monkeypatch):
+    import efdit.engine.evaluate as E
+    from efdit.commands.hrig import sweep
+    from efdit.engine.train import train
+    monkeypatch.setenv("EFDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(E, "JUDGE_PER_CLASS", 10)
+    train(build_config("digits-tiny", {"run_dir": str(tmp_path / "run"), "total_images": 32, "threads": 1}),
+          progress=False)
+    out = sweep(str(tmp_path / "run"), ["gain=0"], n_per_class=2, out_dir=str(tmp_path / "sw"), progress=False,
+                overrides={"sample.steps": "3"}, unsharp=[1.0])
+    text = out.read_text()
+    assert "| off |" in text and "`gain=0`" in text and "`unsharp=1`" in text and "spectral distance" in text
+    gain0 = [line for line in text.splitlines() if "`gain=0`" in line][0]
+    assert "+0.0 [+0.0, +0.0] no effect" in gain0                           # gain 0: bit-identical samples

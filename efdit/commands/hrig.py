@@ -18,7 +18,7 @@ import torch
 from ..config import apply_overrides, parse_override_args
 from ..engine.build import apply_attention
 from ..engine.datasets import load_data
-from ..engine.evaluate import METRIC_NAMES, evaluate_model, with_interval, write_json
+from ..engine.evaluate import evaluate_model, with_interval, write_json
 from ..engine.files import load_model
 from ..engine.paths import model_file
 from ..errors import EfditError, atomic_write
@@ -59,9 +59,29 @@ def train_refiner_for(run: str, steps: int = 600, r: float = 2.0, hidden: int = 
     return dst
 
 
+def unsharp_mask(images: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Tensor:
+    """The plain baseline HRIG is compared with: x + amount·(x − G_σ * x) on the final uint8 images (N, C, H, W)."""
+    x = images.float()
+    r = max(1, int(round(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    pad = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    blur = torch.nn.functional.conv2d(pad, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    blur = torch.nn.functional.conv2d(blur, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return (x + amount * (x - blur)).round().clamp(0, 255).to(torch.uint8)
+
+
 def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", progress: bool = True,
-          overrides: dict | None = None) -> Path:
-    from ..engine.generate import hrig_hooks
+          overrides: dict | None = None, unsharp: list[float] = ()) -> Path:
+    """Every HRIG spec (and the unsharp-mask baseline at each amount, applied to the HRIG-off samples) sampled
+    with the same labels and noise as HRIG off: FD with its interval and the paired difference to off, class
+    accuracy, and two spectral measures against the real test images (radially averaged power-spectrum distance,
+    high-band energy ratio: 1 = real)."""
+    from ..engine.evaluate import pixel_config, real_subset
+    from ..engine.generate import class_labels, generate, hrig_hooks
+    from ..metrics.bootstrap import BootstrapResult, paired_difference
+    from ..metrics.spectrum import high_band_energy_ratio, spectral_distance
     path = model_file(run)
     out = writable(Path(out_dir) if out_dir else path.parent / "hrig-sweep", "sweep folder")
     model, cfg, h, meta = load_model(path)
@@ -74,32 +94,51 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
             hrig_hooks(cfg)
         except EfditError as e:
             raise EfditError(f"--specs: {e}") from None
-    rows = []
-    for i, spec in enumerate([""] + specs):
-        cfg.sample.hrig = spec
+    labels = class_labels(cfg, h, None, n_per_class)
+    real, _, _ = real_subset(pixel_config(cfg), "test", n_per_class, 0)
+    rows, records, off_images = [], {}, None
+    for i, spec in enumerate([""] + list(specs) + [f"unsharp={a:g}" for a in unsharp]):
+        is_unsharp = spec.startswith("unsharp=")
+        cfg.sample.hrig = "" if is_unsharp else spec
         dst = out / f"metrics-{hashlib.sha1(spec.encode()).hexdigest()[:10]}.json"
         rec = _reusable(dst, spec, meta["sha256"], n_per_class, cfg)
         if rec is None:  # rerunning the same sweep reuses the rows already measured
-            rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, progress=progress,
-                                 model_sha=meta["sha256"])
-            rec["hrig"] = spec
+            if is_unsharp:
+                if off_images is None:
+                    off_images = generate(model, cfg, labels, progress=progress)
+                images = unsharp_mask(off_images, float(spec.split("=", 1)[1]))
+            else:
+                images = generate(model, cfg, labels, progress=progress)
+                off_images = images if not spec else off_images
+            rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, progress=progress, model_sha=meta["sha256"],
+                                 images=images, labels=labels)
+            rec.update(hrig=spec, spectral_distance=spectral_distance(images, real),
+                       high_band_energy_ratio=high_band_energy_ratio(images, real))
             write_json(dst, rec)
+        records[spec] = rec
+        base = BootstrapResult.from_dict(records[""]["bootstrap"])
+        d = paired_difference(BootstrapResult.from_dict(rec["bootstrap"]), base)["fd_effnetlite0"]
+        verdict = "—" if not spec else ("differs" if d.differs else "no effect")
+        delta = "—" if not spec else f"{d.interval.value:+.1f} [{d.interval.low:+.1f}, {d.interval.high:+.1f}] {verdict}"
         m = rec["metrics"]
-        rows.append([f"`{spec}`" if spec else "off"] + [with_interval(rec, k, fmt) if k in m else "—"
-                                                        for k, _, fmt in METRIC_NAMES] + [f"{rec.get('sampling_seconds', 0):.0f}"])
-        print(f"[{i}/{len(specs)}] hrig={spec or 'off'}: " + ", ".join(f"{k}={m[k]:.4g}" for k, _, _ in METRIC_NAMES
-                                                                     if k in m))
-    header = ["HRIG spec"] + [n for _, n, _ in METRIC_NAMES] + ["sampling s"]
+        rows.append([f"`{spec}`" if spec else "off", with_interval(rec, "fd_effnetlite0", "{:.1f}"), delta,
+                     with_interval(rec, "fine_acc", "{:.1%}") if "fine_acc" in m else "—",
+                     f"{rec['spectral_distance']:.3f}", f"{rec['high_band_energy_ratio']:.2f}"])
+        print(f"[{i}] {spec or 'off'}: FD {m['fd_effnetlite0']:.1f} (Δ {delta}), spectral distance "
+              f"{rec['spectral_distance']:.3f}, high-band ratio {rec['high_band_energy_ratio']:.2f}")
+    header = ["HRIG spec", "FD-EffNetLite0 ↓", "Δ FD vs off (paired)", "fine accuracy ↑",
+              "spectral distance to real ↓", "high-band energy ratio (1 = real)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    fl = rec["floor"]
-    lines.append("| real-vs-real floor | " + " | ".join(with_interval(fl, k, fmt) if k in fl["metrics"] else "—"
-                                                       for k, _, fmt in METRIC_NAMES) + " | |")
+    fl = records[""]["floor"]
+    lines.append(f"| real-vs-real floor | {with_interval(fl, 'fd_effnetlite0', '{:.1f}')} | | | "
+                 f"{spectral_distance(real, real):.3f} | 1.00 |")
     s = cfg.sample
-    text = (f"# HRIG sweep: {path}\n\n{n_per_class} samples per subclass, {s.sampler} {s.steps} steps, guidance "
-            f"{s.guidance} scale {s.cfg_scale:g}, seed {s.seed} (same noise for every row), attention "
-            f"{cfg.model.attn_backend}. Unset keys take HRIG's defaults (band 259:673 as SNR [1e-2, 1), r=2, "
-            f"cutoff=0.25, gaussian mask, bicubic E).\n\n" + "\n".join(lines) + "\n")
+    text = (f"# HRIG sweep: {path}\n\n{len(labels)} samples ({n_per_class} per class), {s.sampler} {s.steps} steps, "
+            f"guidance {s.guidance} scale {s.cfg_scale:g}, seed {s.seed}: the same labels and noise for every row "
+            f"(Δ is paired). Unsharp rows sharpen the HRIG-off samples (Gaussian σ = 1 px). Spectral measures "
+            f"against {len(real)} real test images. Unset HRIG keys take its defaults (band 259:673 as SNR "
+            f"[1e-2, 1), r=2, cutoff=0.25, gaussian mask, bicubic E).\n\n" + "\n".join(lines) + "\n")
     dst = out / "sweep.md"
     with atomic_write(dst, "the sweep table") as tmp:
         tmp.write_text(text)
@@ -134,6 +173,7 @@ def main(argv: list[str]) -> int:
     s.add_argument("run")
     s.add_argument("--specs", default=";".join(DEFAULT_SPECS))
     s.add_argument("--n-per-class", type=positive_int, default=20)
+    s.add_argument("--unsharp", default="", type=amounts, help="unsharp-mask baseline amounts, e.g. 0.5,1")
     s.add_argument("--out", default="")
     s.add_argument("--no-progress", action="store_true")
     args, rest = p.parse_known_args(argv)
@@ -146,5 +186,16 @@ def main(argv: list[str]) -> int:
     else:
         specs = [x.strip() for x in args.specs.split(";") if x.strip()]
         sweep(args.run, specs, args.n_per_class, args.out, not args.no_progress,
-              sample_overrides(parse_override_args(rest)))
+              sample_overrides(parse_override_args(rest)), unsharp=args.unsharp)
     return 0
+
+
+def amounts(text: str) -> list[float]:
+    import argparse
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated amounts such as 0.5,1, got {text!r}") from None
+    if any(not (0 < v <= 10) for v in values):
+        raise argparse.ArgumentTypeError(f"must be amounts in (0, 10], got {text!r}")
+    return values
