@@ -39,6 +39,7 @@ CASES = [
     ("train --sample.steps 0", "--sample.steps must be a positive integer or a respacing"),
     ("train --preset digits-tiny --model.patch_size 3", "--model.patch_size 3 must divide"),
     ("train --diffusion.weighting snr", "--diffusion.weighting must be one of none | min_snr"),
+    ("train --model.guidance_embed true", "efdit distill-guidance RUN --teacher MODEL"),
     # sample
     ("sample RUN --steps abc", '--steps must be a positive integer or a respacing such as "ddim50", got \'abc\''),
     ("sample RUN --steps 0", "--steps must be a positive integer"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..config import build_config, validate_config
 from ..engine import distributed
 from ..engine.train import train
+from ..errors import EfditError
 from .options import overrides, parser
 
 
@@ -21,6 +22,9 @@ def main(argv: list[str]) -> int:
     if cfg.data.dataset == "folder" and not cfg.run_dir and cfg.data.root:
         cfg.run_dir = folder_run_dir(cfg)
     validate_config(cfg)
+    if cfg.model.guidance_embed:
+        raise EfditError("--model.guidance_embed: a guidance-distilled student is trained from its teacher by "
+                         "`efdit distill-guidance RUN --teacher MODEL`, not by efdit train")
     try:
         train(cfg, progress=not args.no_progress, dry_run=args.dry_run)
     finally:
