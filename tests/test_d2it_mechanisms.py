@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from tiny import randomize
 
 from efdit.d2it.dct import DynamicContentTransformer
 from efdit.d2it.dgt import DynamicGrainTransformer, grain_loss, sample_grains
@@ -14,8 +14,6 @@ from efdit.d2it.dvae import DVAE, project_multigrain
 from efdit.d2it.multigrain import sample_dct, training_losses
 from efdit.diffusion import create_diffusion
 from efdit.models.embedders import LabelEmbedder
-
-from tiny import randomize
 
 # 2 images, a 2x2 grain map each (1 = fine) -> a 4x4 fine latent grid, C = 2 latent channels
 GRAIN = torch.tensor([[[1, 0], [0, 0]],

@@ -5,12 +5,11 @@ with its scales swapped, a branch read in the wrong place or a term left out giv
 """
 import pytest
 import torch
+from tiny import randomize
 
 from efdit.diffusion import Guidance, guided_forward
 from efdit.models.dit import DiT
 from efdit.models.embedders import TieredEmbedder
-
-from tiny import randomize
 
 PARENT = torch.tensor([0, 0, 1, 1, 1, 2])  # 6 subclasses under 3 superclasses
 

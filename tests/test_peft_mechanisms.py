@@ -2,12 +2,11 @@
 Tiered Embedder's label-id space and dropout rules."""
 import pytest
 import torch
+from tiny import randomize
 
 from efdit.models.dit import DiT, modulate
 from efdit.models.embedders import LabelEmbedder, TieredEmbedder
 from efdit.models.peft import apply_peft
-
-from tiny import randomize
 
 PARENT = torch.tensor([0, 0, 1, 1, 1, 2])  # 6 subclasses under 3 superclasses
 

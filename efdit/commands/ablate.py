@@ -29,7 +29,7 @@ from ..engine.files import load_model
 from ..engine.train import train
 from ..engine.trainlog import read_log
 from ..errors import EfditError, atomic_write
-from .options import parser, positive_int
+from .options import number_list, parser, positive_int
 
 PEFT_VARIANTS: dict[str, dict] = {
     "flat + null CFG, full": {"model.embedder": "flat", "sample.guidance": "cfg", "model.peft": "full",
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hrig", default=HRIG_SPEC, help=f"HRIG spec of the mechanisms set (default {HRIG_SPEC!r})")
     p.add_argument("--n-per-class", type=positive_int, default=50)
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 for training and sampling (default 1)")
-    p.add_argument("--scales", default="", type=scale_list,
+    p.add_argument("--scales", default="", type=number_list(0, 100, "guidance scales", "1.5,2,3,4"),
                    help="guidance scales to choose from on the held-out split, e.g. 1.5,2,3,4 (needs "
                         "--data.holdout_per_class N); default: each variant's own scale")
     p.add_argument("--sweep-per-class", type=positive_int, default=20, help="samples per subclass per scale tried")
@@ -263,14 +263,3 @@ def main(argv: list[str]) -> int:
                  scales=args.scales, sweep_per_class=args.sweep_per_class)
     return 0
 
-
-def scale_list(text: str) -> list[float]:
-    import argparse
-    import math
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated guidance scales such as 1.5,2,3,4, got {text!r}") from None
-    if not all(math.isfinite(v) and 0 <= v <= 100 for v in values):
-        raise argparse.ArgumentTypeError(f"must be comma-separated guidance scales from 0 to 100, got {text!r}")
-    return values

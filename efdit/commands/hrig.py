@@ -22,7 +22,7 @@ from ..engine.evaluate import evaluate_model, with_interval, write_json
 from ..engine.files import load_model
 from ..engine.paths import model_file
 from ..errors import EfditError, atomic_write
-from .options import Parser, positive, positive_int, sample_overrides, writable
+from .options import Parser, number_list, positive, positive_int, sample_overrides, writable
 
 DEFAULT_SPECS = ["gain=-0.5", "gain=-0.3", "gain=-0.1", "gain=0.3", "gain=0.5", "gain=1"]
 
@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
     s.add_argument("run")
     s.add_argument("--specs", default=";".join(DEFAULT_SPECS))
     s.add_argument("--n-per-class", type=positive_int, default=20)
-    s.add_argument("--unsharp", default="", type=amounts, help="unsharp-mask baseline amounts, e.g. 0.5,1")
+    s.add_argument("--unsharp", default="", type=number_list(0, 10, "amounts", "0.5,1", low_open=True), help="unsharp-mask baseline amounts, e.g. 0.5,1")
     s.add_argument("--out", default="")
     s.add_argument("--no-progress", action="store_true")
     args, rest = p.parse_known_args(argv)
@@ -189,13 +189,3 @@ def main(argv: list[str]) -> int:
               sample_overrides(parse_override_args(rest)), unsharp=args.unsharp)
     return 0
 
-
-def amounts(text: str) -> list[float]:
-    import argparse
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated amounts such as 0.5,1, got {text!r}") from None
-    if any(not (0 < v <= 10) for v in values):
-        raise argparse.ArgumentTypeError(f"must be amounts in (0, 10], got {text!r}")
-    return values

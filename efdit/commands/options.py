@@ -51,6 +51,21 @@ nonneg = _typed(lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0")
 port = _typed(lambda v: 0 < v < 65536, "a port from 1 to 65535", int)
 
 
+def number_list(low: float, high: float, words: str, example: str, low_open: bool = False):
+    """An option of comma-separated numbers in [low, high] (or (low, high] with low_open)."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {words} such as {example}, got {text!r}") \
+                from None
+        if not all(math.isfinite(v) and (v > low if low_open else v >= low) and v <= high for v in values):
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be comma-separated {words} in {span}, got {text!r}")
+        return values
+    return parse
+
+
 def nonempty(what: str):
     def parse(text: str):
         if not text.strip():

@@ -47,7 +47,7 @@ from .files import load_model, load_training_state, save_model
 from .finetune import resolve_base
 from .lr import learning_rate
 from .paths import model_file, shipped
-from .train import check_same_run, draw_batch, sample_grid, save_checkpoint
+from .train import check_finite, check_same_run, draw_batch, optimizer_step, sample_grid, save_checkpoint
 from .trainlog import TrainLog, truncate_log
 
 W_RANGE = (1.0, 5.0)   # w ~ U[w_min, w_max] unless given
@@ -304,17 +304,8 @@ def distill(plan: Plan, progress: bool = True, dataset=None) -> Path:
             for g in opt.param_groups:
                 g["lr"] = lr
             terms = distill_step(student, teacher, diffusion, ds, cfg, guidance, w_range, gen, device, autocast)
-            if not math.isfinite(terms["loss"]):
-                raise EfditError(f"loss became {terms['loss']} at step {prog['step'] + 1}: stopping; the last good "
-                                 f"checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'} "
-                                 f"(try a lower --lr)")
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(prog["step"])
-            prog["step"] += 1
-            prog["images"] += tc.batch_size
+            check_finite(terms["loss"], prog["step"] + 1, ckpt_path)
+            optimizer_step(opt, params, tc.grad_clip, ema, prog, tc.batch_size)
             prog["seconds"] = time.time() - start
             bar.update(tc.batch_size)
             log.add(terms, tc.batch_size)

@@ -124,17 +124,8 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
             # the mean over ranks (logging, the NaN stop) and the time budget, one collective: every rank decides alike
             reduced = distributed.all_reduce_mean(list(terms.values()) + [time.time() - start], device)
             terms, out_of_time = dict(zip(terms, reduced[:-1])), reduced[-1] >= budget_s
-            if not math.isfinite(terms["loss"]):
-                raise EfditError(f"loss became {terms['loss']} at step {prog['step'] + 1}: stopping; the last "
-                                 f"good checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'}"
-                                 f" (try a lower --lr or --grad-clip)")
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(prog["step"])
-            prog["step"] += 1
-            prog["images"] += per_step
+            check_finite(terms["loss"], prog["step"] + 1, ckpt_path)
+            optimizer_step(opt, params, tc.grad_clip, ema, prog, per_step)
             prog["seconds"] = time.time() - start
             bar.update(per_step)
             log.add(terms, per_step)
@@ -169,7 +160,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     return run_dir
 
 
-# ---- one optimizer step's gradients ---------------------------------------------------------------------------
+# ---- one optimizer step ---------------------------------------------------------------------------------------
 def train_step(cfg: Config, forward, ddp_model, diffusion, ds, gen: torch.Generator, info, local_batch: int,
                autocast) -> dict[str, float]:
     """Forward and backward of `grad_accum` micro-batches (gradients summed into .grad; DDP all-reduces once, at
@@ -190,6 +181,25 @@ def train_step(cfg: Config, forward, ddp_model, diffusion, ds, gen: torch.Genera
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v.mean().item() / tc.grad_accum
     return terms_sum
+
+
+def optimizer_step(opt, params, grad_clip: float, ema: EMA, prog: dict, images: int) -> None:
+    """Clip the gradients (grad_clip > 0), step, clear them, update the EMA, count the step and its images."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(prog["step"])
+    prog["step"] += 1
+    prog["images"] += images
+
+
+def check_finite(loss: float, step: int, ckpt_path: Path) -> None:
+    """A NaN or infinite loss stops the run with one line naming the last good checkpoint."""
+    if not math.isfinite(loss):
+        raise EfditError(f"loss became {loss} at step {step}: stopping; the last good checkpoint is "
+                         f"{ckpt_path if ckpt_path.exists() else 'none (no checkpoint yet)'} (try a lower --lr or "
+                         f"--grad-clip)")
 
 
 def draw_batch(ds, cfg: Config, gen: torch.Generator, rank: int, world: int, batch_size: int):
