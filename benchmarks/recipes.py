@@ -1,9 +1,13 @@
-"""Training recipes for the Fashion-MNIST base side by side at equal CPU time: FD against CPU time for each.
+"""Training recipes side by side at equal CPU time: FD against CPU time for each.
 
-    .venv/bin/python benchmarks/recipes.py                       # every recipe, 12 CPU-minutes each, 3 FD points
+    .venv/bin/python benchmarks/recipes.py                       # every base recipe, 12 CPU-minutes each, 3 FD points
     .venv/bin/python benchmarks/recipes.py --recipes current,min-snr --cpu-minutes 6 --points 2
+    .venv/bin/python benchmarks/recipes.py --set attention       # ProAttention trained with the model, 256 tokens
 
-Each recipe is the `fmnist-base` preset (a superclass-conditioned DiT, 7.4 M parameters) with a few overrides. It
+Two sets (`--set`). `base`: the `fmnist-base` preset (a superclass-conditioned DiT, 7.4 M parameters) with a few
+overrides. `attention`: the attention backend trained with the model from scratch (not swapped into an SDPA-trained
+one) at 256 tokens — the whole emoji set at 32 px RGB with patch 2, a 4-block, 192-wide DiT conditioned on the 98
+subgroups — SDPA against pooled proxy attention (two-stage, pool 4 → 64 proxies) and its `kv` mode. Each recipe
 is trained in chunks by rerunning efdit's training (resume is exact, so a chunked run equals a continuous one);
 after each chunk the EMA model is sampled and scored. The budget is the training process's CPU time (user + sys,
 `time.process_time`), not wall-clock time, so that other work on the machine does not tilt the comparison; the
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RECIPES: dict[str, dict] = {
+BASE_RECIPES: dict[str, dict] = {
     "current": {},                                                        # the shipped base's recipe
     "min-snr": {"diffusion.weighting": "min_snr", "diffusion.min_snr_gamma": 5.0},
     "lognormal": {"diffusion.timesteps": "lognormal"},
@@ -34,15 +38,32 @@ RECIPES: dict[str, dict] = {
     "batch-128": {"train.batch_size": 128, "train.lr": 1e-3},
     "lr-1e-3": {"train.lr": 1e-3},
 }
+ATTENTION_RECIPES: dict[str, dict] = {
+    "sdpa": {},
+    "proxy": {"model.attn_backend": "proxy", "model.attn_kwargs": "pool=4"},
+    "proxy-kv": {"model.attn_backend": "proxy", "model.attn_kwargs": "pool=4,proxy_mode=kv"},
+}
+ATTENTION_BASE = {"data.dataset": "emoji", "data.super_level": "group", "data.sub_level": "subgroup",
+                  "data.categories": "all", "data.image_size": 32, "model.patch_size": 2, "model.hidden_size": 192,
+                  "model.depth": 4, "model.num_heads": 3, "diffusion.weighting": "min_snr", "train.batch_size": 32,
+                  "train.lr": 5e-4, "train.warmup_images": 5_000, "train.ema_decay": 0.999}
+SETS = {"base": ("fmnist-base", {}, BASE_RECIPES), "attention": ("emoji-base", ATTENTION_BASE, ATTENTION_RECIPES)}
+RECIPES = {**BASE_RECIPES, **ATTENTION_RECIPES}
 COMMON = {"train.minutes": 0.0, "train.sample_every": 0, "train.log_every": 2048, "train.ckpt_every": 10 ** 9,
           "sample.per_class": 1, "train.threads": 1}
 
 
-def _reference(per_subclass: int, extractor):
-    from efdit.data import build_dataset
-    test = build_dataset("fmnist", split="test").subset_per_class(per_subclass, seed=0)
-    feats = extractor.extract(test.images, resolution=64, progress=False)
-    return feats, test.sub_labels, test.hierarchy
+def _reference(set_name: str, per_subclass: int, extractor):
+    """Real images to score against: Fashion-MNIST's test split; for the emoji set (no test split) a
+    class-balanced draw of the whole set."""
+    from efdit.config import build_config
+    from efdit.engine.datasets import load_data
+    preset, base, _ = SETS[set_name]
+    cfg = build_config(preset, base)
+    split = "test" if cfg.data.dataset == "fmnist" else "train"
+    real = load_data(cfg, split).subset_per_class(per_subclass, seed=0, allow_fewer=True)
+    feats = extractor.extract(real.images, resolution=64, progress=False)
+    return feats, real.sub_labels, real.hierarchy
 
 
 def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[float, np.ndarray]:
@@ -53,20 +74,23 @@ def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[floa
     model, cfg, _, _ = load_model(run / "model.safetensors")
     apply_overrides(cfg, {"sample.sampler": "dpmpp2m", "sample.steps": "10", "sample.cfg_scale": 2.0,
                           "sample.eta": 0.0, "sample.seed": 0})
-    labels = hierarchy.parent[sub_labels]                # each reference image's superclass
+    # each reference image's own class: its superclass for a superclass-conditioned model
+    labels = hierarchy.parent[sub_labels] if cfg.model.condition_on == "super" else sub_labels
     images = generate(model, cfg, labels, progress=False)
     feats = extractor.extract(images, resolution=64, progress=False)
     return frechet_distance_from_features(feats, ref_feats), feats
 
 
-def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor) -> list[dict]:
+def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor, set_name: str = "base"
+               ) -> list[dict]:
     from efdit.config import build_config
     from efdit.engine.train import train
     from efdit.models.checkpoint import load_safetensors
     run = out / name
     results_path = out / f"{name}.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
-    cfg = build_config("fmnist-base", {**COMMON, **RECIPES[name], "run_dir": str(run)})
+    preset, base, recipes = SETS[set_name]
+    cfg = build_config(preset, {**base, **COMMON, **recipes[name], "run_dir": str(run)})
     images = rows[-1]["images"] if rows else 0
     cpu = rows[-1]["cpu_s"] if rows else 0.0
     rate = None
@@ -112,10 +136,10 @@ def plot(out: Path, names: list[str], path: Path) -> Path:
     axes[0].set_xlabel("training CPU-minutes (one thread)")
     axes[1].set_xlabel("thousand images seen")
     for ax in axes:
-        ax.set_ylabel("FD-EffNetLite0 (400 samples)")
+        ax.set_ylabel("FD-EffNetLite0")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Fashion-MNIST base recipes (fmnist-base, superclass-conditioned)", fontsize=10)
+    fig.suptitle(f"recipes at equal CPU time ({', '.join(names)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -145,36 +169,38 @@ def thread_throughput(out: Path, images: int = 2048, rounds: int = 2) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--set", default="base", choices=sorted(SETS), help="base recipes or attention backends")
+    p.add_argument("--recipes", default="", help="comma-separated recipes of the set (default: all of them)")
     p.add_argument("--cpu-minutes", type=float, default=12.0)
     p.add_argument("--points", type=int, default=3)
     p.add_argument("--per-subclass", type=int, default=40)
-    p.add_argument("--out", default="runs/recipes")
+    p.add_argument("--out", default="")
     p.add_argument("--no-threads", action="store_true", help="skip the 1 / 2-thread throughput table")
     p.add_argument("--plot-only", default="", help="only draw FD against time from the results in --out to this PNG")
     args = p.parse_args()
+    _, _, recipes = SETS[args.set]
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()] or list(recipes)
+    unknown = [n for n in names if n not in recipes]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown} in set {args.set}; known: {', '.join(recipes)}")
+    out = Path(args.out or ("runs/recipes" if args.set == "base" else f"runs/recipes-{args.set}"))
     if args.plot_only:
-        print(plot(Path(args.out), [n.strip() for n in args.recipes.split(",") if n.strip()], Path(args.plot_only)))
+        print(plot(out, names, Path(args.plot_only)))
         return
     torch.set_num_threads(1)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from efdit.metrics.features import FeatureExtractor
     extractor = FeatureExtractor()
-    ref = _reference(args.per_subclass, extractor)
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
-    table = {n: run_recipe(n, out, args.cpu_minutes, args.points, ref, extractor) for n in names}
+    ref = _reference(args.set, args.per_subclass, extractor)
+    table = {n: run_recipe(n, out, args.cpu_minutes, args.points, ref, extractor, args.set) for n in names}
     print("\n| recipe | overrides | " + " | ".join(f"FD @ {args.cpu_minutes * (k + 1) / args.points:g} CPU-min"
                                                  for k in range(args.points)) + " | images | img/CPU-s |")
     print("|---|---|" + "---:|" * (args.points + 2))
     for n, rows in table.items():
-        ov = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in RECIPES[n].items()) or "—"
+        ov = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in recipes[n].items()) or "—"
         print(f"| {n} | {ov} | " + " | ".join(f"{r['fd']:.0f}" for r in rows) +
               f" | {rows[-1]['images']:,} | {rows[-1]['img_per_cpu_s']:.1f} |")
-    if not args.no_threads:
+    if args.set == "base" and not args.no_threads:
         tp = thread_throughput(out)
         (out / "threads.json").write_text(json.dumps(tp))
         print(f"\ntraining throughput (img per wall-second, best of 2 interleaved): 1 thread {tp[1]:.1f}, "
