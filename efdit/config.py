@@ -231,8 +231,8 @@ _PAPER_DATA = {"inat21": {"data.dataset": "inat21", "data.split": "train_mini", 
 _PAPER_METHODS = {
     # EFDiT: Tiered Embedder (sum) + FineDiffusion's PEFT rule, ProAttention H2 (pooled proxy), HRIG when sampling
     "efdit": {"model.embedder": "tiered", "model.tiered_mode": "sum", "model.peft": "efdit",
-              "model.attn_backend": "proxy", "model.attn_kwargs": "pool=2", "sample.guidance": "super",
-              "sample.hrig": "band=259:673,r=2,cutoff=0.25,gain=-0.3"},
+              "model.attn_backend": "proxy", "model.attn_kwargs": "pool=2", "model.attn_adapt": "lora",
+              "sample.guidance": "super", "sample.hrig": "band=259:673,r=2,cutoff=0.25,gain=-0.3"},
     "finediffusion": {"model.embedder": "tiered", "model.tiered_mode": "finediffusion", "model.peft": "finediffusion",
                       "sample.guidance": "super"},
     "full": {"model.peft": "full", "sample.guidance": "cfg"},

@@ -228,3 +228,44 @@ def test_sdpa_model_switches_to_proxy_and_robust_and_still_samples():
         out = sample(fresh, torch.tensor([1, 2]), create_diffusion("5"), method="ddim", progress=False,
                      generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 2, 8, 12) and torch.isfinite(out).all()
+
+
+# ---- proxy attention in a PEFT run from an SDPA base: the attention weights adapt, and the delta file keeps them ----
+@pytest.fixture(scope="module")
+def sdpa_base(tmp_path_factory):
+    from efdit.config import build_config
+    from efdit.engine.train import train
+    d = tmp_path_factory.mktemp("sdpa_base")
+    train(build_config("digits-tiny", {"run_dir": str(d), "total_images": 160, "condition_on": "super",
+                                       "threads": 1}), progress=False)
+    return d / "model.safetensors"
+
+
+@pytest.mark.parametrize("adapt,kept", [("auto", ("lora_A", "lora_B")), ("full", ("weight",))])
+def test_proxy_peft_delta_holds_the_adapted_attention_and_reloads(sdpa_base, tmp_path, adapt, kept):
+    from efdit.config import build_config
+    from efdit.engine.files import load_model
+    from efdit.engine.train import train
+    from efdit.models.checkpoint import load_safetensors
+    cfg = build_config("digits-tiny", {"run_dir": str(tmp_path / "ft"), "total_images": 64, "peft": "finediffusion",
+                                       "attn_backend": "proxy", "attn_kwargs": "pool=2", "attn_adapt": adapt,
+                                       "init_from": str(sdpa_base), "threads": 1, "lr": 1e-2})
+    train(cfg, progress=False)
+    tensors, meta, _ = load_safetensors(tmp_path / "ft" / "model.safetensors")
+    assert meta.get("base"), "a PEFT run from a base writes a delta"
+    attn = sorted(k for k in tensors if ".attn." in k and not k.endswith(".bias"))
+    assert attn == sorted(f"blocks.{i}.attn.{n}.{f}" for i in range(2) for n in ("qkv", "proj") for f in kept)
+    assert "blocks.0.mlp.fc1.weight" not in tensors           # the rest of the rule's frozen weights stay out
+    model, loaded_cfg, _, _ = load_model(tmp_path / "ft" / "model.safetensors")
+    base, _, _, _ = load_model(sdpa_base)
+    assert loaded_cfg.model.attn_adapt == adapt and model.attn_adapt == ("lora" if adapt == "auto" else "full")
+    sd, base_sd = model.state_dict(), base.state_dict()
+    for k in attn:
+        assert torch.equal(sd[k], tensors[k].float()), k
+    changed = [k for k in attn if k in base_sd and not torch.equal(sd[k], base_sd[k])]
+    if adapt == "full":
+        assert changed == attn                                 # the attention matrices trained
+    else:
+        assert all(tensors[k].abs().sum() > 0 for k in attn if k.endswith("lora_B"))  # B left 0: trained
+        assert torch.equal(sd["blocks.0.attn.qkv.weight"], base_sd["blocks.0.attn.qkv.weight"])
+    assert model.blocks[0].attn.backend_name == "proxy"

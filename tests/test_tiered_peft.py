@@ -156,3 +156,153 @@ def test_finetune_from_a_checkpoint_with_another_class_count(tmp_path):
     for k, v in model2.state_dict().items():
         if k.endswith(".weight") and k in base_sd and "norm" not in k and not k.startswith("y_embedder"):
             assert torch.equal(v, base_sd[k]), k  # frozen under the efdit preset
+
+
+# ---- attention adaptation: what trains when ProAttention replaces the pretrained attention --------------------
+def attention_names(m):
+    """The trainable tensors of the blocks' attention qkv / proj (biases aside: the rules train those)."""
+    return sorted(n for n, p in m.named_parameters() if p.requires_grad and ".attn." in n and not n.endswith(".bias"))
+
+
+def lora_names(depth=2):
+    return sorted(f"blocks.{i}.attn.{layer}.{f}" for i in range(depth) for layer in ("qkv", "proj")
+                  for f in ("lora_A", "lora_B"))
+
+
+def weight_names(depth=2):
+    return sorted(f"blocks.{i}.attn.{layer}.weight" for i in range(depth) for layer in ("qkv", "proj"))
+
+
+@pytest.mark.parametrize("backend,preset,adapt,expected", [
+    ("sdpa", "finediffusion", "auto", []),
+    ("math", "finediffusion", "auto", []),
+    ("proxy", "finediffusion", "auto", lora_names()),
+    ("robust", "efdit", "auto", lora_names()),
+    ("proxy", "bitfit", "auto", lora_names()),
+    ("proxy", "difffit", "auto", lora_names()),
+    ("proxy", "finediffusion", "frozen", []),
+    ("proxy", "finediffusion", "lora", lora_names()),
+    ("proxy", "finediffusion", "full", weight_names()),
+    ("sdpa", "finediffusion", "lora", lora_names()),
+    ("sdpa", "finediffusion", "full", weight_names()),
+    ("proxy", "full", "auto", weight_names()),         # everything trains already: no adapters added
+    ("proxy", "full", "lora", weight_names()),
+])
+def test_attention_adaptation_trains_these_tensors(backend, preset, adapt, expected):
+    m = tiny(attn_backend=backend)
+    added = apply_peft(m, preset, lora_rank=2, attn_adapt=adapt)
+    assert attention_names(m) == expected
+    assert m.attn_adapt == ("lora" if "lora_A" in str(expected) else "full" if expected and preset != "full"
+                            else "frozen")
+    assert set(lora_names()) <= set(added) if "lora_A" in str(expected) else not any("lora_" in k for k in added)
+    rule = {n for n, p in apply_and_return(tiny(), preset).named_parameters() if p.requires_grad}
+    # the rule's own set is unchanged: adaptation only adds the attention tensors above
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == rule | set(expected)
+
+
+def apply_and_return(m, preset):
+    apply_peft(m, preset, lora_rank=2, attn_adapt="frozen")
+    return m
+
+
+def test_lora_preset_under_proxy_keeps_its_own_adapters_only():
+    m = tiny(attn_backend="proxy")
+    apply_peft(m, "lora", lora_rank=2)
+    assert m.attn_adapt == "frozen" and "blocks.0.attn.qkv.lora_A" not in dict(m.named_parameters())
+    assert "blocks.0.attn.qkv.lora_A.default.weight" in dict(m.named_parameters())
+
+
+def test_attention_lora_starts_as_the_frozen_model_and_then_adapts_it():
+    from efdit.models.peft import LoRALinear
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 4])
+    m0 = randomize(tiny(attn_backend="proxy"))
+    apply_peft(m0, "finediffusion", attn_adapt="frozen")
+    m = randomize(tiny(attn_backend="proxy"))
+    added = apply_peft(m, "finediffusion", lora_rank=2)
+    assert isinstance(m.blocks[0].attn.qkv, LoRALinear) and m.blocks[0].attn.qkv.weight is \
+        dict(m.named_parameters())["blocks.0.attn.qkv.weight"]
+    # base keys kept (a base checkpoint loads as is), adapters added under their own names
+    assert set(m.state_dict()) == set(m0.state_dict()) | set(lora_names())
+    assert set(lora_names()) <= set(added)
+    m0.eval(), m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x, t, y), m0(x, t, y))   # B = 0: exactly the frozen model
+    m.train()
+    m.y_embedder.dropout_prob = 0.0
+    (m(x, t, y) - torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))).square().mean().backward()
+    params = dict(m.named_parameters())
+    assert params["blocks.0.attn.qkv.weight"].grad is None
+    assert params["blocks.1.attn.proj.lora_B"].grad.abs().sum() > 0
+    # y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, s = α / r
+    layer = LoRALinear(torch.nn.Linear(5, 3), rank=2, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    v = torch.randn(4, 5)
+    torch.testing.assert_close(layer(v), v @ layer.weight.T + layer.bias + 3.0 * (v @ layer.lora_A.T) @ layer.lora_B.T)
+
+
+def test_sdpa_default_builds_and_trains_exactly_as_before():
+    """model.attn_adapt's default (auto) leaves an SDPA model alone: same tensors, same trainable set, same random
+    draws, the rule's parameter count."""
+    from efdit.config import Config, get_preset
+    from efdit.data.hierarchy import Hierarchy
+    from efdit.engine.build import build_model
+    assert Config().model.attn_adapt == "auto"
+    h = Hierarchy([f"s{i}" for i in range(10)], ["a", "b", "c", "d"], torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3]))
+    builds = []
+    for adapt in ("auto", "frozen"):
+        cfg = get_preset("fmnist-finetune")
+        cfg.model.attn_adapt = adapt
+        torch.manual_seed(0)
+        m = build_model(cfg, h, (28, 28), 1)
+        builds.append((m.state_dict(), {n for n, p in m.named_parameters() if p.requires_grad}, m.peft_added,
+                       torch.rand(3), m.attn_adapt))
+    (sd_a, tr_a, add_a, r_a, mode_a), (sd_f, tr_f, add_f, r_f, _) = builds
+    assert mode_a == "frozen" and add_a == add_f and tr_a == tr_f and torch.equal(r_a, r_f)
+    assert sd_a.keys() == sd_f.keys() and all(torch.equal(sd_a[k], sd_f[k]) for k in sd_a)
+    assert not any(".attn." in n and not n.endswith(".bias") for n in tr_a)
+    cfg = get_preset("fmnist-finetune")
+    m = build_model(cfg, h, (28, 28), 1)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 33_824     # 0.46 %, as before
+
+
+def test_build_model_adapts_proxy_attention_and_the_paper_presets_say_so():
+    from efdit.config import PRESETS, build_config
+    from efdit.data.hierarchy import Hierarchy
+    from efdit.engine.build import build_model
+    h = Hierarchy([f"s{i}" for i in range(10)], ["a", "b", "c", "d"], torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3]))
+    cfg = build_config("fmnist-finetune", {"attn_backend": "proxy", "attn_kwargs": "pool=2"})
+    m = build_model(cfg, h, (28, 28), 1)
+    assert m.attn_adapt == "lora" and attention_names(m) == lora_names(6)
+    n_lora = 6 * 8 * ((256 + 768) + (256 + 256))     # r (in + out) on qkv and proj, r = 8
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 33_824 + n_lora
+    assert "of which attention (lora on qkv / proj) 73,728" in parameter_report(m)
+    m = build_model(build_config("fmnist-finetune", {"attn_backend": "proxy", "attn_adapt": "frozen"}), h, (28, 28), 1)
+    assert m.attn_adapt == "frozen" and attention_names(m) == []
+    for data in ("inat21", "vegfru"):
+        preset = PRESETS[f"{data}-dit-xl2-256-efdit"]
+        assert preset["model.attn_backend"] == "proxy" and preset["model.attn_adapt"] == "lora"
+
+
+def test_paper_preset_parameter_count_with_adapted_proxy_attention():
+    """iNat 2021 mini (10,000 species, 11 supercategories): the efdit rule (1.77 %) plus LoRA r = 8 on the 28
+    blocks' qkv / proj, 28 · 8 · ((1152 + 3456) + (1152 + 1152)) = 1,548,288 parameters."""
+    from efdit.config import build_config
+    from efdit.data.hierarchy import Hierarchy
+    from efdit.engine.build import build_model
+    h = Hierarchy([f"s{i}" for i in range(10000)], [f"k{i}" for i in range(11)], torch.arange(10000) % 11)
+    with torch.device("meta"):
+        m = build_model(build_config("inat21-dit-xl2-256-efdit", {}), h, (32, 32), 4)
+    assert m.attn_adapt == "lora"
+    assert sum(p.numel() for p in m.parameters()) == 685_640_480 + 1_548_288
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 12_153_632 + 1_548_288
+
+
+def test_attn_adapt_choices_agree_and_bad_values_are_refused():
+    from efdit.config import RULES, build_config
+    from efdit.models.peft import ATTN_ADAPT
+    assert RULES["model.attn_adapt"] == ATTN_ADAPT
+    with pytest.raises(EfditError, match="--attn-adapt must be one of"):
+        build_config("fmnist-finetune", {"attn-adapt": "lorra"})
+    with pytest.raises(EfditError, match="model.attn_adapt must be one of"):
+        apply_peft(tiny(), "efdit", attn_adapt="partial")

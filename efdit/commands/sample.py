@@ -9,16 +9,21 @@ import torch
 
 from ..data.hierarchy import lookup_class
 from ..engine.build import apply_attention
+from ..engine.fast_sampling import apply_sampling_default, sampling_line
 from ..engine.files import load_model
 from ..engine.generate import check_sampling, generate
 from ..engine.paths import model_file
 from ..engine.pictures import save_grid, save_samples
 from ..errors import EfditError
 from ..models.dit import resolve_device
-from .options import apply_sampling_options, nonempty, parser, positive_int, writable
+from .options import apply_sampling_options, nonempty, overrides, parser, positive_int, sample_overrides, writable
 
-DESCRIPTION = ("Sample a trained efdit model (model.safetensors of a run). Faster sampling: --sampler dpmpp2m "
-               "--steps 15 (DPM-Solver++(2M)), or a training-free cache --accel fora|delta|taylorseer "
+DESCRIPTION = ("Sample a trained efdit model (model.safetensors of a run). Default sampling: the model's fastest "
+               "quality-matched setting when its file records one (benchmarks/sampling_quality.py --record), "
+               "else DPM-Solver++(2M) 10 steps for a model whose config samples DDIM-50, else its config's; the "
+               "line `sampling: …` names what was used. Any of --sampler, --steps, --eta, --accel, --accel-kw, "
+               "--guidance-interval replaces that default by the config's setting with your options: e.g. "
+               "--sampler unipc --steps 8, or a training-free cache --accel fora|delta|taylorseer "
                "--accel-kw interval=3[,order=2 | ,blocks=3,boundary=500].")
 
 
@@ -44,7 +49,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else path.parent / "samples" / time.strftime("%Y%m%d-%H%M%S")
     writable(out, "samples folder")
     device = resolve_device(os.environ.get("EFDIT_DEVICE", "auto"))
-    model, cfg, h, _ = load_model(path, device)
+    model, cfg, h, meta = load_model(path, device)
+    choice = apply_sampling_default(cfg, meta, sample_overrides(overrides(rest)))  # options named: the config's
     apply_sampling_options(cfg, rest)
     check_sampling(cfg)
     apply_attention(model, cfg)
@@ -57,6 +63,7 @@ def main(argv: list[str]) -> int:
     classes = classes or list(range(len(names)))
     per_class = args.per_class or cfg.sample.per_class
     labels = torch.tensor(classes).repeat_interleave(per_class)
+    print(sampling_line(cfg, choice), flush=True)
     images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
     save_grid(out / "grid.png", images, labels, h, cfg.model.condition_on)
     npz = save_samples(out, images, labels, h, cfg.model.condition_on)

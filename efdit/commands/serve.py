@@ -3,6 +3,9 @@
 Pick a superclass, then one of its subclasses (the lists come from the hierarchy saved in the checkpoint),
 set guidance, steps, sampler, seed and the HRIG / acceleration options the installed efdit knows, and
 Generate: the chosen class's samples, and one sample of every subclass of the superclass side by side.
+The sampling controls start at the model's default setting (`efdit.engine.fast_sampling`: its fastest
+quality-matched setting when the model file records one, else the documented rule or its config's), the model line
+says which and why, and the status line after each run names the exact settings used.
 
 D²iT run folders are served too (`efdit.commands.serve_d2it.D2iTServed`): each image is shown beside its grain map,
 and the options D²iT lacks (HRIG, block caches) are hidden.
@@ -27,7 +30,9 @@ import torch
 from ..config import SampleConfig, apply_overrides
 from ..diffusion.hooks.cache import ACCEL
 from ..diffusion.samplers import SAMPLERS
+from ..diffusion.solvers import DETERMINISTIC
 from ..engine.build import apply_attention, build_diffusion
+from ..engine.fast_sampling import choose_sampling
 from ..engine.files import is_d2it, is_d2it_run, load_model, read_metadata
 from ..engine.generate import StepProgress, generate, guidance_of
 from ..engine.paths import model_file
@@ -39,7 +44,7 @@ MAX_SCALE = 20.0      # guidance scales outside [0, MAX_SCALE] are refused
 MAX_IMAGES = 16       # images of the chosen class per request
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GUIDANCE_MODES = ("auto", "none", "cfg", "super", "two_term")
-EXTRA_SAMPLE_FIELDS = ("hrig", "accel", "accel_kwargs")  # sample.* options shown when SampleConfig has them
+EXTRA_SAMPLE_FIELDS = ("hrig", "accel", "accel_kwargs", "guidance_interval")  # shown when SampleConfig has them
 SCALE_SUPER_LABEL = "superclass scale (two_term)"
 CSS = "#samples img, #siblings img { image-rendering: pixelated; object-fit: contain !important; }"
 
@@ -93,6 +98,7 @@ class ServedModel:
             raise EfditError(f"{self.path} is a D²iT stage file outside a D²iT run folder (no config.json "
                              f"beside it): serve the run folder `efdit d2it train` wrote")
         self.model, self.cfg, self.hierarchy, self.meta = load_model(self.path, device)
+        self.sampling = choose_sampling(self.cfg, self.meta)  # the default setting the controls start at
         self.backend, self.d2it = None, False
         self.device = device
         self.lock = threading.Lock()  # one sampling run at a time on this model
@@ -109,10 +115,28 @@ class ServedModel:
         return available_samplers()
 
     def defaults(self) -> dict:
-        s, modes = self.cfg.sample, self.guidance_modes()
+        s, modes, setting = self.cfg.sample, self.guidance_modes(), self.sampling.setting
         return {"guidance": s.guidance if s.guidance in modes else "auto", "scale": s.cfg_scale,
-                "scale_super": s.cfg_scale_super, "steps": min(_default_steps(s.steps), self.max_steps),
-                "sampler": s.sampler}
+                "scale_super": s.cfg_scale_super, "steps": min(_default_steps(setting["steps"]), self.max_steps),
+                "sampler": setting["sampler"]}
+
+    def default_extras(self) -> dict:
+        """Start values of the HRIG / acceleration fields: the config's HRIG, the default setting's cache and
+        guidance interval."""
+        setting = self.sampling.setting
+        values = {"hrig": self.cfg.sample.hrig, "accel": setting["accel"], "accel_kwargs": setting["accel_kwargs"],
+                  "guidance_interval": setting["guidance_interval"]}
+        return {k: values.get(k, v) for k, v in extra_sample_options().items()}
+
+    def sampling_note(self) -> str:
+        """The default setting and why (the page's model line)."""
+        s = self.sampling.setting
+        text = f"{s['sampler']} {s['steps']} steps"
+        if s["accel"] not in ("", "none"):
+            text += f" + {s['accel']} {s['accel_kwargs']}".rstrip()
+        if s["guidance_interval"]:
+            text += f", guided for t in [{s['guidance_interval'].replace(',', ', ')}]"
+        return f"default sampling: {text} — {self.sampling.note()}"
 
     def guidance_modes(self) -> list[str]:
         emb = getattr(self.model, "y_embedder", None) if self.model is not None else None
@@ -129,8 +153,9 @@ class ServedModel:
         h, cfg = self.hierarchy, self.cfg
         size = "x".join(str(s) for s in self.meta.get("input_size", []))
         kind = "D²iT" if self.d2it else f"DiT ({cfg.model.embedder} embedder, conditioned on {self.label_space}classes)"
-        return (f"**{self.path.name}** — {kind}, {size} px × {self.meta.get('channels', '?')} channels, "
+        text = (f"**{self.path.name}** — {kind}, {size} px × {self.meta.get('channels', '?')} channels, "
                 f"{h.num_sub} subclasses under {h.num_super} superclasses")
+        return text if self.d2it else f"{text}<br>{self.sampling_note()}"
 
 
 def open_model(path: str | os.PathLike, device: str = "cpu"):
@@ -211,7 +236,7 @@ def validate(served, req: Request):
         if k not in known:
             raise EfditError(f"option {k!r} is not available in this efdit")
         ov[f"sample.{k}"] = v
-    if req.sampler == "dpmpp2m":
+    if req.sampler in DETERMINISTIC:
         ov["sample.eta"] = 0.0  # a deterministic solver; the page has no η control
     apply_overrides(cfg, ov)
 
@@ -256,9 +281,28 @@ def generate_for(served, req: Request, progress=None):
     took = f"{len(labels)} images in {time.time() - t0:.1f} s · "
     if served.d2it:
         return chosen, family, took + served.status(cfg, grains)
+    return chosen, family, took + settings_used(served, cfg)
+
+
+def settings_used(served, cfg) -> str:
+    """The status line's account of a DiT request: "dpmpp2m, 10 steps, cfg guidance ×2, seed 0", the cache and
+    guidance interval when set, and a note when it is the model's default setting."""
     s, g = cfg.sample, guidance_of(cfg)
-    how = "no guidance" if g.mode == "none" else f"{g.mode} guidance ×{g.scale:g}"
-    return chosen, family, took + f"{s.sampler}, {s.steps} steps, {how}, seed {s.seed}"
+    steps = f"{s.sampler}, {s.steps} steps"
+    if str(s.accel).lower() not in ("", "none", "off"):
+        steps += f" + {s.accel}" + (f" {s.accel_kwargs}" if str(s.accel_kwargs).strip() else "")
+    if cfg.model.guidance_embed:
+        how = f"one forward per step at w = {g.scale:g} (guidance-distilled)"
+    else:
+        how = "no guidance" if g.mode == "none" else f"{g.mode} guidance ×{g.scale:g}"
+        if g.mode != "none" and g.interval is not None:
+            how += f" for t in [{g.interval[0]}, {g.interval[1]}]"
+    text = f"{steps}, {how}, seed {s.seed}"
+    sampling = getattr(served, "sampling", None)
+    if sampling is not None and sampling.source in ("recorded", "rule") and sampling.matches(cfg):
+        text += " (the model's fastest quality-matched setting)" if sampling.source == "recorded" else \
+            " (efdit's default rule: DPM-Solver++(2M), 10 steps)"
+    return text
 
 
 def grain_map_images(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -298,8 +342,9 @@ def build_app(served, device: str = "cpu", allow_load: bool = True):
         if sv is None:
             return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
                     gr.update(choices=list(GUIDANCE_MODES), value="auto"), gr.update(), gr.update(), gr.update(),
-                    gr.update(), gr.update(), "No model loaded.")
+                    gr.update(), gr.update(), "No model loaded.", *[gr.update() for _ in extras])
         h, dflt, offered = sv.hierarchy, sv.defaults(), sv.samplers()
+        start = sv.default_extras() if hasattr(sv, "default_extras") else {}
         sup0 = h.super_names[0] if h.num_super else None
         subs = sv.subclasses_of(sup0) if sup0 is not None else []
         return (gr.update(choices=h.super_names, value=sup0),
@@ -312,7 +357,8 @@ def build_app(served, device: str = "cpu", allow_load: bool = True):
                 gr.update(choices=offered, value=dflt["sampler"] if dflt["sampler"] in offered else offered[0]),
                 gr.update(visible=bool(extras) and not sv.d2it),
                 sv.describe() + ("" if sv.label_space == "sub" else
-                                 " — conditioned on superclasses only: the subclass list is for browsing"))
+                                 " — conditioned on superclasses only: the subclass list is for browsing"),
+                *[gr.update(value=str(start[k])) if k in start else gr.update() for k in extras])
 
     with gr.Blocks(title="efdit", analytics_enabled=False) as app:
         gr.Markdown("# efdit — hierarchy-aware generation\nPick a superclass, then one of its subclasses, "
@@ -356,7 +402,7 @@ def build_app(served, device: str = "cpu", allow_load: bool = True):
                 family = gr.Gallery(label="the superclass's subclasses, side by side", columns=6, height=260,
                                     format="png", object_fit="contain", fit_columns=False, elem_id="siblings")
 
-        model_outputs = [sup, sub, guidance, scale, scale_super, steps, sampler, options, info]
+        model_outputs = [sup, sub, guidance, scale, scale_super, steps, sampler, options, info, *extra_boxes]
 
         def on_start():
             return controls_for(state["served"])

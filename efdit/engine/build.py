@@ -35,9 +35,11 @@ def model_kwargs(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int],
 
 
 def build_model(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], channels: int) -> DiT:
-    """The DiT a config describes: label embedder (flat or tiered) and PEFT modules included.
+    """The DiT a config describes: label embedder (flat or tiered), attention backend and PEFT modules included.
 
-    `model.peft_added` lists the tensors PEFT added (absent from a base checkpoint; identity-initialised)."""
+    The attention backend is set before the PEFT rule, so that `model.attn_adapt` (auto) can see it: a non-SDPA
+    backend under a rule that freezes qkv / proj gets LoRA on them (models/peft.py). `model.peft_added` lists the
+    tensors PEFT added (absent from a base checkpoint; identity-initialised); `model.attn_adapt` the resolved mode."""
     from ..models.embedders import TieredEmbedder
     from ..models.peft import apply_peft
     kw = model_kwargs(cfg, hierarchy, input_size, channels)
@@ -52,7 +54,8 @@ def build_model(cfg: Config, hierarchy: Hierarchy, input_size: tuple[int, int], 
         raise EfditError(f"model.embedder must be flat | tiered, not {m.embedder!r}")
     model = DiT(**kw)
     apply_attention(model, cfg)
-    model.peft_added = apply_peft(model, m.peft, lora_rank=m.lora_rank, difffit_blocks=m.difffit_blocks)
+    model.peft_added = apply_peft(model, m.peft, lora_rank=m.lora_rank, difffit_blocks=m.difffit_blocks,
+                                  attn_adapt=m.attn_adapt)
     return model
 
 

@@ -11,16 +11,35 @@ flat or tiered) always train: a new label set has no pretrained rows.
   finediffusion  biases + LN affine + label tables (FineDiffusion's rule: names containing bias / norm / the table)
   efdit          the finediffusion rule with the Tiered Embedder's tables (the embedder is chosen by model.embedder)
   lora           LoRA (rank r) on qkv / proj / fc1 / fc2 through the `peft` library + label tables
+
+Attention adaptation (`attn_adapt`). The rules above freeze the attention weights qkv / proj, which is right while
+the attention is the one the base was trained with (SDPA), and wrong when ProAttention's proxy (or robust) backend
+replaces it: nothing trainable can then absorb the change of the attention core. `attn_adapt` says what the
+attention weights get on top of the rule:
+  frozen  nothing (the rule alone)
+  lora    a rank-r update on every block's qkv and proj (`LoRALinear`: the base keys `qkv.weight` / `qkv.bias`
+          stay, `qkv.lora_A` / `qkv.lora_B` are added, B = 0 at the start)
+  full    qkv.weight and proj.weight train as well
+  auto    lora when a backend other than exact softmax attention (sdpa | math) runs under a rule that freezes
+          qkv / proj (bitfit, difffit, finediffusion, efdit); frozen otherwise (SDPA, and the full / lora presets,
+          whose attention weights already adapt). A base assumed trained with SDPA, as the shipped bases and the
+          official DiT checkpoint are; a base trained with the same backend wants `frozen`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import EfditError, did_you_mean
 
 PEFT_PRESETS = ("full", "bitfit", "difffit", "finediffusion", "efdit", "lora")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+ATTN_ADAPT = ("auto", "frozen", "lora", "full")
+EXACT_ATTENTION = ("sdpa", "math")    # the softmax attention a pretrained DiT was trained with
+FREEZING_RULES = ("bitfit", "difffit", "finediffusion", "efdit")   # rules under which qkv / proj do not train
 
 
 def make_layernorms_affine(model: nn.Module) -> list[str]:
@@ -64,12 +83,70 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
     return sorted(k for k in model.state_dict() if k not in before and "lora_" in k)
 
 
-def apply_peft(model: nn.Module, preset: str, lora_rank: int = 8, difffit_blocks: str = "all") -> list[str]:
-    """Add the preset's modules and set requires_grad by its rule. Returns the names of the added tensors
-    (a base checkpoint lacks them; they start as identities)."""
+class LoRALinear(nn.Linear):
+    """A Linear with a rank-r update: y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, A: (r, in), B: (out, r), s = α / r.
+
+    It keeps the wrapped layer's own `weight` / `bias` (same tensors, same state-dict keys, so a base checkpoint
+    loads as is) and adds `lora_A` (Kaiming-uniform) and `lora_B` (zeros): at the start it computes exactly the
+    wrapped layer."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+        nn.Module.__init__(self)
+        if rank < 1:
+            raise EfditError(f"the LoRA rank must be ≥ 1, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = (alpha or rank) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+
+
+def add_attention_lora(model: nn.Module, rank: int = 8) -> list[str]:
+    """LoRA (`LoRALinear`) on every block's attention qkv and proj. Returns the added keys."""
+    added = []
+    for i, block in enumerate(model.blocks):
+        for name in ("qkv", "proj"):
+            layer = getattr(block.attn, name)
+            if isinstance(layer, LoRALinear):
+                continue
+            setattr(block.attn, name, LoRALinear(layer, rank))
+            added += [f"blocks.{i}.attn.{name}.lora_A", f"blocks.{i}.attn.{name}.lora_B"]
+    return added
+
+
+def attention_backends(model: nn.Module) -> set[str]:
+    return {block.attn.backend_name for block in getattr(model, "blocks", ())}
+
+
+def resolve_attn_adapt(attn_adapt: str, preset: str, backends) -> str:
+    """What the attention weights get beyond the PEFT rule: frozen | lora | full (see the module docstring)."""
+    if attn_adapt not in ATTN_ADAPT:
+        raise EfditError(f"model.attn_adapt must be one of {' | '.join(ATTN_ADAPT)}, not {attn_adapt!r}"
+                         + did_you_mean(attn_adapt, ATTN_ADAPT))
+    if preset not in FREEZING_RULES:
+        return "frozen"        # full: they train already; lora: the preset's adapters already cover qkv / proj
+    if attn_adapt == "auto":
+        return "lora" if set(backends) - set(EXACT_ATTENTION) else "frozen"
+    return attn_adapt
+
+
+def apply_peft(model: nn.Module, preset: str, lora_rank: int = 8, difffit_blocks: str = "all",
+               attn_adapt: str = "auto") -> list[str]:
+    """Add the preset's modules and set requires_grad by its rule, with the attention adaptation `attn_adapt`
+    resolved against the model's attention backends (set it before). Returns the names of the added tensors
+    (a base checkpoint lacks them; they start as identities); `model.attn_adapt` holds the resolved mode."""
     if preset not in PEFT_PRESETS:
         raise EfditError(f"unknown PEFT preset {preset!r}{did_you_mean(preset, PEFT_PRESETS, n=2)} "
                          f"(known: {', '.join(PEFT_PRESETS)})")
+    adapt = resolve_attn_adapt(attn_adapt, preset, attention_backends(model))
     added: list[str] = []
     if preset in ("difffit", "finediffusion", "efdit"):
         added += make_layernorms_affine(model)
@@ -77,9 +154,20 @@ def apply_peft(model: nn.Module, preset: str, lora_rank: int = 8, difffit_blocks
         added += add_difffit_scales(model, difffit_blocks)
     if preset == "lora":
         added += add_lora(model, lora_rank)
+    adapters = set(add_attention_lora(model, lora_rank)) if adapt == "lora" else set()
+    added += sorted(adapters)
     for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable(name, preset) and not (name == "pos_embed" and not p.requires_grad))
+        train = is_trainable(name, preset) or name in adapters or (adapt == "full" and is_attention_weight(name))
+        p.requires_grad_(train and not (name == "pos_embed" and not p.requires_grad))
+    model.attn_adapt = adapt
     return added
+
+
+def is_attention_weight(name: str) -> bool:
+    """A block's attention matrix or its LoRA factor: blocks.<i>.attn.{qkv,proj}.{weight,lora_A,lora_B}."""
+    parts = name.split(".")
+    return len(parts) == 5 and parts[0] == "blocks" and parts[2] == "attn" and parts[3] in ("qkv", "proj") \
+        and parts[4] in ("weight", "lora_A", "lora_B")
 
 
 def is_trainable(name: str, preset: str) -> bool:
@@ -103,6 +191,12 @@ def is_trainable(name: str, preset: str) -> bool:
 
 
 def parameter_report(model: nn.Module) -> str:
+    """Trainable and total parameter counts, with what the attention adaptation adds when it is on."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / max(total, 1):.4f}%)"
+    out = f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / max(total, 1):.4f}%)"
+    adapt = getattr(model, "attn_adapt", "frozen")
+    if adapt != "frozen":
+        n_attn = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_attention_weight(n))
+        out += f", of which attention ({adapt} on qkv / proj) {n_attn:,}"
+    return out
