@@ -228,7 +228,7 @@ def write_tables(preset: str, out_dir: Path, results: dict[str, list[dict]], ove
 
 
 def main(argv: list[str]) -> int:
-    p = parser("ablate", __doc__.split("\n")[0].strip("`"))
+    p = parser("ablate", " ".join(__doc__.split("\n\n")[0].split()).split("`: ", 1)[-1])
     p.usage = "efdit ablate [PRESET] [options] [--key value ...]   (PRESET: default fmnist-finetune)"
     p.add_argument("--out", default="", help="output folder (default runs/ablate-<preset>)")
     p.add_argument("--set", default="peft", choices=sorted(VARIANT_SETS), help="variant set (default: peft)")

@@ -54,7 +54,7 @@ def read_metrics(path: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    p = parser("evaluate", __doc__.split("\n")[0].strip("`"))
+    p = parser("evaluate", __doc__.split("\n")[0].split("`: ", 1)[-1])
     p.add_argument("model", nargs="?", help="an efdit model file or run directory")
     p.add_argument("--npz", default="", help="score these samples (efdit sample's samples.npz) instead of sampling")
     p.add_argument("--n-per-class", type=positive_int, default=100)

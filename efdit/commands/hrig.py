@@ -158,7 +158,7 @@ def _reusable(path: Path, spec: str, sha: str, n_per_class: int, cfg) -> dict | 
 
 
 def main(argv: list[str]) -> int:
-    p = Parser(prog="efdit hrig", description=__doc__.split("\n")[0].strip("`"))
+    p = Parser(prog="efdit hrig", description=__doc__.split("\n")[0].split("`: ", 1)[-1])
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train-refiner", help="train the learned enhancer E on the run's training images")
     t.add_argument("run")
