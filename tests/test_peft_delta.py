@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from tiny import trained_digits_base
 
 from efdit.config import build_config
 from efdit.engine.files import export_model, frozen_keys, load_model
@@ -17,10 +18,7 @@ Y = torch.arange(10)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    train(build_config("digits-tiny", {"run_dir": str(d), "total_images": 320, "condition_on": "super",
-                                       "threads": 1}), progress=False)
-    return d / "model.safetensors"
+    return trained_digits_base(tmp_path_factory.mktemp("base"), 320)
 
 
 def _ft(run_dir, base_file, **over):

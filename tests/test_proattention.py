@@ -233,12 +233,8 @@ def test_sdpa_model_switches_to_proxy_and_robust_and_still_samples():
 # ---- proxy attention in a PEFT run from an SDPA base: the attention weights adapt, and the delta file keeps them ----
 @pytest.fixture(scope="module")
 def sdpa_base(tmp_path_factory):
-    from efdit.config import build_config
-    from efdit.engine.train import train
-    d = tmp_path_factory.mktemp("sdpa_base")
-    train(build_config("digits-tiny", {"run_dir": str(d), "total_images": 160, "condition_on": "super",
-                                       "threads": 1}), progress=False)
-    return d / "model.safetensors"
+    from tiny import trained_digits_base
+    return trained_digits_base(tmp_path_factory.mktemp("sdpa_base"), 160)
 
 
 @pytest.mark.parametrize("adapt,kept", [("auto", ("lora_A", "lora_B")), ("full", ("weight",))])

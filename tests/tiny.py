@@ -16,3 +16,12 @@ def randomize(model, seed: int = 1, scale: float = 0.05):
 
 def tiny_model(seed: int = 1, **kw) -> DiT:
     return randomize(DiT(**{**TINY, **kw}), seed)
+
+
+def trained_digits_base(run_dir, total_images: int):
+    """A superclass-conditioned digits-tiny base trained for `total_images` images (seconds): its model file."""
+    from efdit.config import build_config
+    from efdit.engine.train import train
+    train(build_config("digits-tiny", {"run_dir": str(run_dir), "total_images": total_images, "condition_on": "super",
+                                       "threads": 1}), progress=False)
+    return run_dir / "model.safetensors"
