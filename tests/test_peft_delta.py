@@ -105,7 +105,7 @@ def test_save_frozen_writes_standalone_files(base, tmp_path):
 def test_dry_run_says_what_a_model_file_will_hold(capsys):
     from efdit.cli import main as cli_main
     assert cli_main(["train", "--preset", "inat21-dit-xl2-256-efdit", "--dry-run"]) == 0
-    out = capsys.readouterr().out  # 12,153,632 trainable values (and no buffers) in fp32
-    assert f"model file: {12_153_632 * 4 / 2**20:,.1f} MiB fp32, a PEFT delta over pretrained/DiT-XL-2-256x256.pt" in out
+    out = capsys.readouterr().out  # 12,153,632 trainable by the efdit rule + 1,548,288 LoRA on the proxy attention
+    assert f"model file: {(12_153_632 + 1_548_288) * 4 / 2**20:,.1f} MiB fp32, a PEFT delta over pretrained/DiT-XL-2-256x256.pt" in out
     assert cli_main(["train", "--preset", "inat21-dit-xl2-256-efdit", "--dry-run", "--save-frozen", "true"]) == 0
-    assert f"model file: {685_640_480 * 4 / 2**20:,.1f} MiB fp32\n" in capsys.readouterr().out
+    assert f"model file: {(685_640_480 + 1_548_288) * 4 / 2**20:,.1f} MiB fp32\n" in capsys.readouterr().out
