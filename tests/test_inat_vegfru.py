@@ -174,8 +174,9 @@ def test_adm_center_crop():
 
 # ---- the paper presets: dry runs on the meta device -------------------------------------------------------------
 @pytest.mark.parametrize("preset,counts", [
-    ("inat21-dit-xl2-256-efdit", "685,640,480 parameters (12,153,632 trainable, 1.7726%"),
-    ("vegfru-dit-xl2-256-efdit", "674,472,992 parameters (986,144 trainable, 0.1462%"),
+    # the efdit presets: the PEFT rule plus LoRA r = 8 on the proxy attention's qkv / proj (1,548,288 values)
+    ("inat21-dit-xl2-256-efdit", "687,188,768 parameters (13,701,920 trainable, 1.9939%"),
+    ("vegfru-dit-xl2-256-efdit", "676,021,280 parameters (2,534,432 trainable, 0.3749%"),
     ("inat21-dit-xl2-256-finediffusion", "685,640,480 parameters (12,153,632 trainable, 1.7726%"),
 ])
 def test_paper_preset_dry_run_prints_config_and_exact_counts(preset, counts, capsys, tmp_path):
