@@ -309,7 +309,7 @@ METRIC_NAMES = [("fd_effnetlite0", "FD-EffNetLite0 ↓", "{:.2f}"), ("kid", "KID
                 ("precision", "precision ↑", "{:.3f}"), ("recall", "recall ↑", "{:.3f}"),
                 ("fine_acc", "fine accuracy ↑", "{:.1%}"), ("coarse_acc", "coarse accuracy ↑", "{:.1%}"),
                 ("super_consistency", "superclass consistency ↑", "{:.1%}"),
-                ("fine_acc_given_super", "fine acc. | right superclass ↑", "{:.1%}"),
+                ("fine_acc_given_super", "fine acc. given right superclass ↑", "{:.1%}"),
                 ("intra_class_fd", "mean intra-class FD ↓", "{:.1f}"), ("super_fd", "mean per-superclass FD ↓", "{:.1f}")]
 JUDGED = {"fine_acc": "fine_acc", "coarse_acc": "coarse_acc"}   # the judge's own accuracy on real images
 
