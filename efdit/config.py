@@ -204,7 +204,7 @@ PRESETS: dict[str, dict] = {
                         "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
                         "model.peft": "finediffusion", "train.batch_size": 64, "train.lr": 3e-3, "train.ema_decay": 0.995,
                         "train.total_images": 24_576, "train.minutes": 0.0, "train.ckpt_every": 20_000,
-                        "train.log_every": 512, "train.init_from": "fmnist-base",
+                        "train.log_every": 512, "train.init_from": "fmnist-base-v2",
                         "sample.sampler": "dpmpp2m", "sample.steps": "10", "sample.per_class": 8},
     # From scratch on Fashion-MNIST subclasses (small; for those who reproduce everything).
     "fmnist-tiny": {"data.dataset": "fmnist", "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6,
