@@ -283,3 +283,12 @@ def test_per_class_scores_reject_bad_labels():
         intra_class_fd(np.zeros((3, 2)), [0, 1, 9], np.zeros((3, 2)), [0, 1, 1], H)
     with pytest.raises(EfditError, match="3 samples but 2 labels"):
         per_superclass_fd(np.zeros((3, 2)), [0, 1], np.zeros((3, 2)), [0, 1, 1], H)
+
+
+def test_proportion_intervals_stay_in_the_unit_range():
+    # replicates skewed below a point estimate of 1: re-centring alone would put the upper bound above 100 %
+    r = np.array([0.9] * 50 + [1.0] * 150)
+    assert percentile_interval(1.0, r).high > 1.0
+    assert percentile_interval(1.0, r, bounds=(0.0, 1.0)).high == 1.0
+    res = BootstrapResult({"fine_acc": 1.0, "fd": 1.0}, {"fine_acc": r, "fd": r}, "test", 200)
+    assert res.interval("fine_acc").high == 1.0 and res.interval("fd").high > 1.0

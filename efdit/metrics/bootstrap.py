@@ -102,11 +102,17 @@ class Interval(NamedTuple):
         return self.low <= x <= self.high
 
 
-def percentile_interval(value: float, replicates, level: float = DEFAULT_LEVEL, method: str = METHOD) -> Interval:
+# metrics that are proportions: their intervals are clipped to [0, 1] (re-centring can push a bound past it)
+UNIT_RANGE = frozenset({"fine_acc", "coarse_acc", "super_consistency", "fine_acc_given_super", "precision", "recall"})
+
+
+def percentile_interval(value: float, replicates, level: float = DEFAULT_LEVEL, method: str = METHOD,
+                        bounds: tuple[float, float] | None = None) -> Interval:
     """The bootstrap interval of a point estimate `value` from its replicates (α = 1 - level).
 
     method "recentred-percentile": [q_{α/2} - b̂, q_{1-α/2} - b̂] with b̂ = mean(replicates) - value (the module
-    docstring says why); "percentile": [q_{α/2}, q_{1-α/2}]. NaN / inf replicates are an EfditError.
+    docstring says why); "percentile": [q_{α/2}, q_{1-α/2}]. `bounds` (lo, hi): the metric's range, the interval
+    is clipped to it. NaN / inf replicates are an EfditError.
     """
     r = np.asarray(replicates, dtype=np.float64).reshape(-1)
     if not 0 < level < 1:
@@ -122,6 +128,8 @@ def percentile_interval(value: float, replicates, level: float = DEFAULT_LEVEL, 
     bias = float(r.mean() - value)
     if method == "recentred-percentile":
         low, high = low - bias, high - bias
+    if bounds is not None:
+        low, high = min(max(low, bounds[0]), bounds[1]), min(max(high, bounds[0]), bounds[1])
     return Interval(float(value), float(low), float(high), float(level), int(len(r)), bias, method)
 
 
@@ -397,7 +405,8 @@ class BootstrapResult:
     def interval(self, name: str, level: float = DEFAULT_LEVEL, method: str = METHOD) -> Interval:
         if name not in self.point:
             raise EfditError(f"no metric {name!r} in this result (has {', '.join(self.point)})")
-        return percentile_interval(self.point[name], self.replicates[name], level, method)
+        return percentile_interval(self.point[name], self.replicates[name], level, method,
+                                   (0.0, 1.0) if name in UNIT_RANGE else None)
 
     def intervals(self, level: float = DEFAULT_LEVEL, method: str = METHOD) -> dict[str, Interval]:
         return {k: self.interval(k, level, method) for k in self.point}
