@@ -82,7 +82,7 @@ def main() -> int:
     test = load_data(cfg, "test")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(test.images), generator=g)[:args.n]
-    x0, y = test.images[idx].float(), h.parent[test.sub_labels[idx]]  # the base is superclass-conditioned
+    x0, _, y = test.batch(idx)  # x0 in [-1, 1]; y: superclass labels (the base is superclass-conditioned)
     noise = torch.randn((len(TIMESTEPS), *x0.shape), generator=g)
     diffusion = build_diffusion(cfg)
     scores = {"sdpa base": eps_mse(model.eval(), diffusion, x0, y, noise)}
