@@ -155,11 +155,20 @@ def _preset(name: str, **overrides) -> Config:
     return cfg
 
 
+# The small DiT of the shipped bases (7.4 M parameters at 28 or 32 px) and of everything fine-tuned from them.
+_SMALL_DIT = {"model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4}
+# Min-SNR-5 loss weighting: the recipe that won at equal CPU time (benchmarks/recipes.py, benchmarks/RESULTS.md).
+_MIN_SNR = {"diffusion.weighting": "min_snr", "diffusion.min_snr_gamma": 5.0}
+# A long base run on one thread: the winning recipe, an EMA whose half-life (~1,400 steps) suits it, a budget far
+# beyond one sitting (stop any time; rerunning the same command resumes).
+_LONG_BASE = {**_MIN_SNR, "train.batch_size": 64, "train.lr": 6e-4, "train.warmup_images": 10_000,
+              "train.ema_decay": 0.9995, "train.total_images": 4_000_000, "train.minutes": 0.0,
+              "train.ckpt_every": 16_384, "train.log_every": 8_192}
+
 PRESETS: dict[str, dict] = {
     # Base model for the demo: Fashion-MNIST conditioned on the 4 superclasses only, so that the demo's step to
     # the 10 subclasses is a real fine-grained step (the EFDiT recipe in miniature).
-    "fmnist-base": {"data.dataset": "fmnist", "model.condition_on": "super", "model.patch_size": 4,
-                    "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
+    "fmnist-base": {"data.dataset": "fmnist", "model.condition_on": "super", **_SMALL_DIT,
                     "train.batch_size": 64, "train.lr": 6e-4, "train.warmup_images": 10_000,
                     "train.ema_decay": 0.998, "train.total_images": 2_000_000, "train.minutes": 100.0,
                     "train.ckpt_every": 10_000, "train.log_every": 2_000, "train.sample_every": 20_000,
@@ -167,29 +176,18 @@ PRESETS: dict[str, dict] = {
     # The stronger base (efdit/assets/fmnist-base-v2.safetensors): the same model, the recipe that won at equal CPU
     # time in benchmarks/recipes.py (Min-SNR-5 weighting; benchmarks/RESULTS.md), an EMA whose half-life (~1,400
     # steps) suits a long run, trained long on one thread by rerunning the same command.
-    "fmnist-base-v2": {"data.dataset": "fmnist", "model.condition_on": "super", "model.patch_size": 4,
-                       "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
-                       "diffusion.weighting": "min_snr", "diffusion.min_snr_gamma": 5.0,
-                       "train.batch_size": 64, "train.lr": 6e-4, "train.warmup_images": 10_000,
-                       "train.ema_decay": 0.9995, "train.total_images": 4_000_000, "train.minutes": 0.0,
-                       "train.ckpt_every": 16_384, "train.log_every": 8_192, "train.sample_every": 262_144,
-                       "train.threads": 1, "sample.per_class": 8},
+    "fmnist-base-v2": {"data.dataset": "fmnist", "model.condition_on": "super", **_SMALL_DIT, **_LONG_BASE,
+                       "train.sample_every": 262_144, "train.threads": 1, "sample.per_class": 8},
     # The RGB base for one's own images (efdit/assets/emoji-base.safetensors): the whole emoji set, both drawing styles
     # (3,812 images, 98 subgroups under 9 groups) at 32 px RGB, the fmnist-base-v2 recipe; fine-tune a folder with
     # `efdit train --preset folder-finetune --root DIR`.
     "emoji-base": {"data.dataset": "emoji", "data.super_level": "group", "data.sub_level": "subgroup",
-                   "data.categories": "all", "data.image_size": 32, "model.patch_size": 4, "model.hidden_size": 256,
-                   "model.depth": 6, "model.num_heads": 4, "diffusion.weighting": "min_snr",
-                   "diffusion.min_snr_gamma": 5.0, "train.batch_size": 64, "train.lr": 6e-4,
-                   "train.warmup_images": 10_000, "train.ema_decay": 0.9995, "train.total_images": 4_000_000,
-                   "train.minutes": 0.0, "train.ckpt_every": 16_384, "train.log_every": 8_192,
+                   "data.categories": "all", "data.image_size": 32, **_SMALL_DIT, **_LONG_BASE,
                    "train.sample_every": 131_072, "train.threads": 1, "sample.per_class": 2},
     # One's own folder fine-tuned from the RGB base: `efdit train --preset folder-finetune --root DIR`. The base's
     # architecture and recipe, new label rows, full fine-tuning at half the base's lr with a short warm-up and an EMA
     # that fits a 40k-image run; `--init-from ''` trains the same recipe from scratch (the comparison in the README).
-    "folder-finetune": {"data.dataset": "folder", "data.image_size": 32, "model.patch_size": 4,
-                        "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
-                        "diffusion.weighting": "min_snr", "diffusion.min_snr_gamma": 5.0,
+    "folder-finetune": {"data.dataset": "folder", "data.image_size": 32, **_SMALL_DIT, **_MIN_SNR,
                         "train.init_from": "emoji-base", "train.init_labels": "random", "train.batch_size": 64,
                         "train.lr": 3e-4, "train.warmup_images": 2_048, "train.ema_decay": 0.998,
                         "train.total_images": 40_960, "train.minutes": 0.0, "train.log_every": 2_048,
@@ -201,23 +199,20 @@ PRESETS: dict[str, dict] = {
     # DPM-Solver++(2M), 10 steps (DDIM-50's quality, benchmarks/RESULTS.md); `--peft full --lr 3e-4` for full
     # fine-tuning.
     "fmnist-finetune": {"data.dataset": "fmnist", "data.holdout_per_class": 50, "model.condition_on": "sub",
-                        "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6, "model.num_heads": 4,
-                        "model.peft": "finediffusion", "train.batch_size": 64, "train.lr": 3e-3, "train.ema_decay": 0.995,
+                        **_SMALL_DIT, "model.peft": "finediffusion", "train.batch_size": 64, "train.lr": 3e-3, "train.ema_decay": 0.995,
                         "train.total_images": 24_576, "train.minutes": 0.0, "train.ckpt_every": 20_000,
                         "train.log_every": 512, "train.init_from": "fmnist-base-v2",
                         "sample.sampler": "dpmpp2m", "sample.steps": "10", "sample.per_class": 8},
     # From scratch on Fashion-MNIST subclasses (small; for those who reproduce everything).
-    "fmnist-tiny": {"data.dataset": "fmnist", "model.patch_size": 4, "model.hidden_size": 256, "model.depth": 6,
-                    "model.num_heads": 4, "train.batch_size": 128, "train.lr": 1e-3, "train.warmup_images": 50_000,
-                    "train.ema_decay": 0.999, "train.total_images": 600_000, "train.ckpt_every": 20_000,
-                    "train.log_every": 5_000},
+    "fmnist-tiny": {"data.dataset": "fmnist", **_SMALL_DIT, "train.batch_size": 128, "train.lr": 1e-3,
+                    "train.warmup_images": 50_000, "train.ema_decay": 0.999, "train.total_images": 600_000,
+                    "train.ckpt_every": 20_000, "train.log_every": 5_000},
     # Seconds-scale runs for tests and smoke checks.
     "digits-tiny": {"data.dataset": "digits", "model.patch_size": 2, "model.hidden_size": 64, "model.depth": 2,
                     "model.num_heads": 4, "train.batch_size": 32, "train.lr": 1e-3, "train.ema_decay": 0.99,
                     "train.total_images": 3_200, "train.ckpt_every": 1_600, "train.log_every": 320,
                     "sample.steps": "20", "sample.per_class": 4},
-    "emoji-tiny": {"data.dataset": "emoji", "data.hflip": True, "model.patch_size": 4, "model.hidden_size": 256,
-                   "model.depth": 6, "model.num_heads": 4, "train.batch_size": 64, "train.lr": 5e-4,
+    "emoji-tiny": {"data.dataset": "emoji", "data.hflip": True, **_SMALL_DIT, "train.batch_size": 64, "train.lr": 5e-4,
                    "train.ema_decay": 0.999, "train.total_images": 100_000, "train.ckpt_every": 20_000,
                    "sample.per_class": 4},
 }
