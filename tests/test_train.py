@@ -183,3 +183,15 @@ def test_sample_with_proattention_and_hrig_from_the_cli(tmp_path, capsys):
     assert "unknown attention backend 'nope'" in capsys.readouterr().err
     assert cli_main(args + ["--hrig", "gian=1"]) == 2
     assert "--hrig" in capsys.readouterr().err
+
+
+def test_fine_tuning_presets_build_the_model_of_their_base():
+    """folder-finetune / fmnist-finetune load emoji-base / fmnist-base-v2 strictly: same architecture and recipe."""
+    from efdit.config import build_config
+    for tune, base in (("folder-finetune", "emoji-base"), ("fmnist-finetune", "fmnist-base-v2")):
+        t, b = build_config(tune, {}), build_config(base, {})
+        assert t.train.init_from == base
+        for f in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "learn_sigma", "pos_embed"):
+            assert getattr(t.model, f) == getattr(b.model, f), (tune, f)
+        assert (t.data.image_size, t.diffusion.prediction, t.diffusion.schedule) == \
+            (b.data.image_size, b.diffusion.prediction, b.diffusion.schedule)
