@@ -199,10 +199,10 @@ def test_the_page_starts_at_the_default_setting_and_names_the_settings_used(reco
            "quality-matched setting, measured 2026-11-30" in sv.describe()
     extras = {k: sv.default_extras()[k] for k in ("accel", "accel_kwargs", "guidance_interval")}
     _, _, status = generate_for(sv, Request("straight", "1", "cfg", 2.0, 1.0, 6, "unipc", 0, 1, extras))
-    assert "· unipc, 6 steps + fora interval=2, cfg guidance ×2 for t in [100, 700], seed 0 (the model's fastest " \
+    assert "· unipc 6 steps + fora interval=2, cfg ×2 for t in [100, 700], seed 0 (the model's fastest " \
            "quality-matched setting)" in status
     _, _, status = generate_for(sv, Request("straight", "1", "cfg", 2.0, 1.0, 3, "ddim", 0, 1))
-    assert status.endswith("· ddim, 3 steps, cfg guidance ×2, seed 0")                  # the request's own settings
+    assert status.endswith("· ddim 3 steps, cfg ×2, seed 0")                  # the request's own settings
     rule = ServedModel(plain, "cpu")
     assert (rule.defaults()["sampler"], rule.defaults()["steps"]) == ("dpmpp2m", 10)
     assert "efdit's rule" in rule.describe()

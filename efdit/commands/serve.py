@@ -32,9 +32,9 @@ from ..diffusion.hooks.cache import ACCEL
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.solvers import DETERMINISTIC
 from ..engine.build import apply_attention, build_diffusion
-from ..engine.fast_sampling import choose_sampling
+from ..engine.fast_sampling import choose_sampling, describe_settings
 from ..engine.files import is_d2it, is_d2it_run, load_model, read_metadata
-from ..engine.generate import StepProgress, generate, guidance_of
+from ..engine.generate import StepProgress, generate
 from ..engine.paths import model_file
 from ..errors import EfditError
 from ..models.dit import resolve_device
@@ -285,19 +285,9 @@ def generate_for(served, req: Request, progress=None):
 
 
 def settings_used(served, cfg) -> str:
-    """The status line's account of a DiT request: "dpmpp2m, 10 steps, cfg guidance ×2, seed 0", the cache and
-    guidance interval when set, and a note when it is the model's default setting."""
-    s, g = cfg.sample, guidance_of(cfg)
-    steps = f"{s.sampler}, {s.steps} steps"
-    if str(s.accel).lower() not in ("", "none", "off"):
-        steps += f" + {s.accel}" + (f" {s.accel_kwargs}" if str(s.accel_kwargs).strip() else "")
-    if cfg.model.guidance_embed:
-        how = f"one forward per step at w = {g.scale:g} (guidance-distilled)"
-    else:
-        how = "no guidance" if g.mode == "none" else f"{g.mode} guidance ×{g.scale:g}"
-        if g.mode != "none" and g.interval is not None:
-            how += f" for t in [{g.interval[0]}, {g.interval[1]}]"
-    text = f"{steps}, {how}, seed {s.seed}"
+    """The status line's account of a DiT request: the exact settings in the words `efdit sample` prints
+    (engine.fast_sampling.describe_settings), and a note when they are the model's default setting."""
+    text = describe_settings(cfg)
     sampling = getattr(served, "sampling", None)
     if sampling is not None and sampling.source in ("recorded", "rule") and sampling.matches(cfg):
         text += " (the model's fastest quality-matched setting)" if sampling.source == "recorded" else \
