@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/recipes.py                       # every base recipe, 12 CPU-minutes each, 3 FD points
     .venv/bin/python benchmarks/recipes.py --recipes current,min-snr --cpu-minutes 6 --points 2
     .venv/bin/python benchmarks/recipes.py --set attention       # ProAttention trained with the model, 256 tokens
+    .venv/bin/python benchmarks/recipes.py --set attention --seeds 3 --cpu-minutes 4 --per-subclass 10
 
 Two sets (`--set`). `base`: the `fmnist-base` preset (a superclass-conditioned DiT, 7.4 M parameters) with a few
 overrides. `attention`: the attention backend trained with the model from scratch (not swapped into an SDPA-trained
@@ -17,7 +18,10 @@ the CPU-time curves into wall-clock ones.
 Score: FD-EffNetLite0 of `--per-subclass` samples per test subclass (each sampled as its superclass, so the class
 proportions match the reference) against the same number of real test images per subclass, DPM-Solver++(2M) 10
 steps, CFG 2, seed 0 (the same labels and noise for every recipe and point). Features are saved beside the results
-(`features/*.npy`), so intervals can be recomputed from them. Rerunning the command resumes where it stopped.
+(`features/*.npy`), so intervals can be recomputed from them. With `--seeds N` every recipe is trained N times
+(train.seed 0..N-1; the same sampling noise), and a last table gives FD at each point as the mean over seeds with
+a two-stage bootstrap 95 % interval, and each recipe's paired difference to the first. Rerunning the command
+resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -81,16 +85,22 @@ def _score(run: Path, ref_feats, sub_labels, hierarchy, extractor) -> tuple[floa
     return frechet_distance_from_features(feats, ref_feats), feats
 
 
-def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor, set_name: str = "base"
-               ) -> list[dict]:
+def run_name(name: str, seed: int) -> str:
+    """A recipe's run (and results / features) name: the recipe's own for seed 0, `NAME-sSEED` for the others."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extractor, set_name: str = "base",
+               seed: int = 0) -> list[dict]:
     from efdit.config import build_config
     from efdit.engine.train import train
     from efdit.models.checkpoint import load_safetensors
-    run = out / name
-    results_path = out / f"{name}.json"
+    tag = run_name(name, seed)
+    run = out / tag
+    results_path = out / f"{tag}.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     preset, base, recipes = SETS[set_name]
-    cfg = build_config(preset, {**base, **COMMON, **recipes[name], "run_dir": str(run)})
+    cfg = build_config(preset, {**base, **COMMON, **recipes[name], "train.seed": seed, "run_dir": str(run)})
     images = rows[-1]["images"] if rows else 0
     cpu = rows[-1]["cpu_s"] if rows else 0.0
     rate = None
@@ -113,13 +123,47 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
             step_images = max(cfg.train.batch_size, int(rate * (target_cpu - cpu)))
         fd, feats = _score(run, *ref, extractor)
         (out / "features").mkdir(parents=True, exist_ok=True)
-        np.save(out / "features" / f"{name}-{k}.npy", feats)
-        rows.append({"recipe": name, "point": k, "cpu_s": round(cpu, 1), "images": images, "fd": fd,
+        np.save(out / "features" / f"{tag}-{k}.npy", feats)
+        rows.append({"recipe": name, "seed": seed, "point": k, "cpu_s": round(cpu, 1), "images": images, "fd": fd,
                      "img_per_cpu_s": round(rate, 2), "load": os.getloadavg()[0], "time": time.strftime("%H:%M")})
         results_path.write_text(json.dumps(rows, indent=1))
-        print(f"{name:10s} point {k}/{points}: {cpu / 60:5.1f} CPU-min, {images:7,} images, FD {fd:8.1f} "
+        print(f"{tag:10s} point {k}/{points}: {cpu / 60:5.1f} CPU-min, {images:7,} images, FD {fd:8.1f} "
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
     return rows
+
+
+def interval_table(out: Path, names: list[str], seeds: int, points: int, ref) -> str:
+    """FD at each point, the mean over seeds with its two-stage bootstrap 95 % interval (efdit.metrics.bootstrap:
+    seeds, then samples), and each recipe's difference to the first, paired (the same labels, sampling noise and
+    bootstrap draws; only the training differs), from the saved features."""
+    from efdit.metrics.bootstrap import bootstrap_metrics, combine_seeds, difference_result
+    ref_feats, sub_labels, _ = ref
+
+    def result(name, seed, k):
+        f = np.load(out / "features" / f"{run_name(name, seed)}-{k}.npy")
+        return bootstrap_metrics(f, ref_feats, sub_labels=sub_labels, kid=False, prc=False)
+
+    head = f"| recipe (mean of {seeds} seed{'s' if seeds > 1 else ''}) | " + " | ".join(
+        f"FD @ point {k} [95 % CI]" for k in range(1, points + 1)) + f" | Δ vs {names[0]} at point {points} |"
+    lines = [head, "|---|" + "---:|" * (points + 1)]
+    last = {}
+    for n in names:
+        cells = []
+        for k in range(1, points + 1):
+            rs = [result(n, s, k) for s in range(seeds)]
+            c = combine_seeds(rs)["fd_effnetlite0"]
+            cells.append(f"{c['mean']:.0f} [{c['interval'].low:.0f}, {c['interval'].high:.0f}]")
+            if k == points:
+                last[n] = rs
+        if n == names[0]:
+            delta = "—"
+        else:
+            d = combine_seeds([difference_result(a, b) for a, b in zip(last[n], last[names[0]])])["fd_effnetlite0"]
+            iv = d["interval"]
+            delta = f"{d['mean']:+.0f} [{iv.low:+.0f}, {iv.high:+.0f}]" + (" differs" if iv.low > 0 or iv.high < 0
+                                                                         else " no difference")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {delta} |")
+    return "\n".join(lines)
 
 
 def plot(out: Path, names: list[str], path: Path) -> Path:
@@ -174,6 +218,7 @@ def main() -> None:
     p.add_argument("--cpu-minutes", type=float, default=12.0)
     p.add_argument("--points", type=int, default=3)
     p.add_argument("--per-subclass", type=int, default=40)
+    p.add_argument("--seeds", type=int, default=1, help="training seeds 0..N-1 per recipe (sampling noise shared)")
     p.add_argument("--out", default="")
     p.add_argument("--no-threads", action="store_true", help="skip the 1 / 2-thread throughput table")
     p.add_argument("--plot-only", default="", help="only draw FD against time from the results in --out to this PNG")
@@ -192,7 +237,12 @@ def main() -> None:
     from efdit.metrics.features import FeatureExtractor
     extractor = FeatureExtractor()
     ref = _reference(args.set, args.per_subclass, extractor)
-    table = {n: run_recipe(n, out, args.cpu_minutes, args.points, ref, extractor, args.set) for n in names}
+    table = {}
+    for seed in range(args.seeds):
+        for n in names:
+            rows = run_recipe(n, out, args.cpu_minutes, args.points, ref, extractor, args.set, seed)
+            table.setdefault(n, rows)   # the per-point table below shows seed 0
+    print("\n" + interval_table(out, names, args.seeds, args.points, ref))
     print("\n| recipe | overrides | " + " | ".join(f"FD @ {args.cpu_minutes * (k + 1) / args.points:g} CPU-min"
                                                  for k in range(args.points)) + " | images | img/CPU-s |")
     print("|---|---|" + "---:|" * (args.points + 2))
