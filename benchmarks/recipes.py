@@ -101,8 +101,12 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     preset, base, recipes = SETS[set_name]
     cfg = build_config(preset, {**base, **COMMON, **recipes[name], "train.seed": seed, "run_dir": str(run)})
-    images = rows[-1]["images"] if rows else 0
-    cpu = rows[-1]["cpu_s"] if rows else 0.0
+    # CPU time and images after the last training chunk (written after every chunk, so a run stopped while scoring
+    # resumes with the CPU time it had really spent, not as if the saved images had cost nothing)
+    spent_path = out / f"{tag}.spent.json"
+    spent = json.loads(spent_path.read_text()) if spent_path.is_file() else \
+        ({"images": rows[-1]["images"], "cpu_s": rows[-1]["cpu_s"]} if rows else {"images": 0, "cpu_s": 0.0})
+    images, cpu = spent["images"], spent["cpu_s"]
     rate = None
     for k in range(len(rows) + 1, points + 1):
         target_cpu = cpu_minutes * 60 * k / points
@@ -116,8 +120,9 @@ def run_recipe(name: str, out: Path, cpu_minutes: float, points: int, ref, extra
             used = time.process_time() - t0
             cpu += used
             done = load_safetensors(run / "model.safetensors")[1]["progress"]["images"]  # whole batches
-            rate = (done - images) / used
+            rate = (done - images) / used if done > images else (rate or 0.0)
             images = done
+            spent_path.write_text(json.dumps({"images": images, "cpu_s": round(cpu, 1)}))
             if cpu >= target_cpu * 0.97:
                 break
             step_images = max(cfg.train.batch_size, int(rate * (target_cpu - cpu)))
