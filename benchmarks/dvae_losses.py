@@ -67,15 +67,11 @@ def merge(*results):
 
 
 def judge_features(judge, images):
-    """The judge CNN's 128-d penultimate activations of uint8 (N, 1, 32, 32) padded Fashion-MNIST images."""
-    import torch
-
-    from efdit.metrics.classifier import _prepare
+    """The judge CNN's 128-d penultimate activations of uint8 (N, 1, 32, 32) padded Fashion-MNIST images, the
+    padding cropped back to the judge's 28 px."""
+    from efdit.metrics.classifier import embed
     crop = (images.shape[-1] - judge.image_size) // 2
-    x = images[..., crop:crop + judge.image_size, crop:crop + judge.image_size]
-    with torch.no_grad():
-        return torch.cat([judge.trunk(_prepare(judge, x[i:i + 1024]) * 2.0 - 1.0)
-                          for i in range(0, len(x), 1024)]).double().numpy()
+    return embed(judge, images[..., crop:crop + judge.image_size, crop:crop + judge.image_size])
 
 
 def main() -> int:
@@ -94,6 +90,7 @@ def main() -> int:
     if "none" not in names:
         names.insert(0, "none")
     import torch
+    from torchvision.utils import save_image
     torch.set_num_threads(args.threads)
     from efdit.commands.d2it_table5 import per_class_indices
     from efdit.d2it.config import build_d2it_config
@@ -137,7 +134,6 @@ def main() -> int:
     floor_x = train_ds.images[per_class_indices(train_ds.sub_labels, per_class, 1)]
     ext = FeatureExtractor()
     judge, _ = load_classifier(ASSETS / "fmnist-classifier.safetensors")
-    judge.eval()
     eff_ref, jd_ref = ext.extract(x, resolution=64, progress=False), judge_features(judge, x)
     floors = {"fd_effnetlite0": frechet_distance_from_features(ext.extract(floor_x, resolution=64, progress=False),
                                                                eff_ref),
@@ -161,7 +157,6 @@ def main() -> int:
         results[name] = merge(eff, jd, pix)
         info[name] = load_stage(runs[name][1] / "dvae.safetensors")[1].get("progress", {})
         grid = torch.cat([x[:8], rec[:8]]) if n >= 8 else torch.cat([x, rec])
-        from torchvision.utils import save_image
         save_image(grid.float() / 255, root / f"recon-{name}.png", nrow=min(8, n), padding=2)
         print(f"{name}: measured ({time.time() - t0:.0f} s so far)", flush=True)
 

@@ -165,8 +165,8 @@ def interval_table(out: Path, names: list[str], seeds: int, points: int, ref) ->
         else:
             d = combine_seeds([difference_result(a, b) for a, b in zip(last[n], last[names[0]])])["fd_effnetlite0"]
             iv = d["interval"]
-            delta = f"{d['mean']:+.0f} [{iv.low:+.0f}, {iv.high:+.0f}]" + (" differs" if iv.low > 0 or iv.high < 0
-                                                                         else " no difference")
+            delta = f"{d['mean']:+.0f} [{iv.low:+.0f}, {iv.high:+.0f}]" + (" no difference" if iv.contains(0.0)
+                                                                         else " differs")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {delta} |")
     return "\n".join(lines)
 

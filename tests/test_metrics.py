@@ -14,6 +14,7 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed (pip 
 from efdit.metrics.classifier import (  # noqa: E402
     accuracy_report,
     classify,
+    embed,
     hierarchy_scores,
     load_classifier,
     load_or_train_classifier,
@@ -287,6 +288,22 @@ def test_classifier_learns_a_toy_task_and_round_trips(tmp_path):
         torch.testing.assert_close(model(xt), loaded(xt), rtol=0, atol=0)
     with pytest.raises(EfditError, match="not found"):
         load_classifier(tmp_path / "missing.safetensors")
+
+
+def test_embed_gives_the_features_both_heads_read():
+    torch.manual_seed(0)
+    from efdit.metrics.classifier import HierarchicalClassifier
+    model = HierarchicalClassifier(1, TOY.num_sub, TOY.num_super, 8, width=4, hidden=16)
+    x, _ = _toy_images(7, seed=2)
+    f = embed(model, x, batch_size=3)                                   # batched: 3 + 3 + 1
+    assert f.shape == (7, 16) and f.dtype == np.float64
+    with torch.no_grad():
+        fine, coarse = model(torch.from_numpy(x).float() / 255)
+        h = torch.from_numpy(f).float()
+        torch.testing.assert_close(model.fine_head(h), fine, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.coarse_head(h), coarse, rtol=0, atol=1e-5)
+    assert np.abs(f).max() > 0
+    assert embed(model, x[:0]).shape == (0, 16)
 
 
 def test_cached_classifier_is_reused_only_for_the_same_data(tmp_path, monkeypatch):

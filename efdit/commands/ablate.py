@@ -199,7 +199,7 @@ def write_tables(preset: str, out_dir: Path, results: dict[str, list[dict]], ove
             diff = difference_to(recs, base)
             for k, _, fmt in SHOWN[:2]:
                 d = diff[k]
-                verdict = "differs" if d["interval"].low > 0 or d["interval"].high < 0 else "no effect"
+                verdict = "no effect" if d["interval"].contains(0.0) else "differs"
                 cells.append(f"{_ci(d, fmt, signed=True)} {verdict}")
                 summary[name][f"delta_{k}"] = {"mean": d["mean"], "low": d["interval"].low,
                                               "high": d["interval"].high, "verdict": verdict}

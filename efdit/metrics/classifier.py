@@ -66,8 +66,12 @@ class HierarchicalClassifier(nn.Module):
     def image_size(self) -> int:
         return self.config["image_size"]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations (N, hidden) that both heads read."""
+        return self.trunk(x * 2.0 - 1.0)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(x * 2.0 - 1.0)
+        h = self.features(x)
         return self.fine_head(h), self.coarse_head(h)
 
 
@@ -173,6 +177,16 @@ def classify(model: HierarchicalClassifier, images, batch_size: int = 1024) -> t
     if not fine:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return torch.cat(fine).numpy(), torch.cat(coarse).numpy()
+
+
+@torch.no_grad()
+def embed(model: HierarchicalClassifier, images, batch_size: int = 1024) -> np.ndarray:
+    """The classifier's penultimate features of uint8 / [0, 1] images, float64 numpy (N, hidden): a feature space
+    for FD that no generator or autoencoder trained on."""
+    model.eval()
+    out = [model.features(_prepare(model, images[start:start + batch_size]))
+           for start in range(0, len(images), batch_size)]
+    return torch.cat(out).double().numpy() if out else np.zeros((0, model.config["hidden"]))
 
 
 def hierarchy_scores(fine_pred, coarse_pred, sub_labels, hierarchy: Hierarchy) -> dict:
