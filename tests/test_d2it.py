@@ -302,3 +302,26 @@ def test_d2it_cli_trains_every_stage_then_samples(tmp_path, capsys):
     data = np.load(tmp_path / "s" / "samples-dgt.npz")
     assert data["images"].shape == (2, 1, 16, 16) and data["grains"].shape == (2, 4, 4)
     assert data["labels"].tolist() == [0, 1] and (tmp_path / "s" / "grid-dgt.png").is_file()
+
+
+def test_baseline_dit_patch_size_and_seeded_batches(tmp_path):
+    """dit.patch_size reaches the baseline DiT (and must divide the fine latent); fit's batches follow the seed."""
+    from efdit.d2it.config import build_d2it_config
+    from efdit.engine.d2it_train import build_baseline_dit, fit
+    from efdit.errors import EfditError
+    for p, tokens in ((1, 256), (2, 64), (4, 16)):
+        m = build_baseline_dit(build_d2it_config("fmnist32", {"dit.patch_size": p}), 4, 10)
+        assert m.patch_size == p and m.x_embedder.num_patches == tokens    # 32 px / f1 = 2 -> 16x16 latent
+    with pytest.raises(EfditError, match="dit.patch_size 3"):
+        build_d2it_config("fmnist32", {"dit.patch_size": 3})
+    drawn = {}
+    for seed in (0, 0, 1):
+        model = torch.nn.Linear(1, 1)
+        seen = []
+
+        def loss_fn(gen):
+            seen.append(int(torch.randint(0, 10**6, (1,), generator=gen)))
+            return {"loss": model(torch.ones(1, 1)).sum()}
+        fit("m", model, loss_fn, 1e-3, 3, 0, 0, tmp_path, 1, progress=False, seed=seed)
+        drawn.setdefault(seed, []).append(seen)
+    assert drawn[0][0] == drawn[0][1] and drawn[0][0] != drawn[1][0]

@@ -102,6 +102,7 @@ class DiTBaselineConfig:
     """A plain efdit DiT on the all-fine (f1) latent: same width, depth = trunk + refine, patch 2."""
     hidden_size: int = 64
     depth: int = 6
+    patch_size: int = 2             # 2: as many tokens as the DCT's trunk (one per region); 1: one per fine code
     num_heads: int = 4
     lr: float = 1e-3
     batch_size: int = 32
@@ -187,6 +188,9 @@ def build_d2it_config(preset: str | None, overrides: dict) -> D2itConfig:
     if cfg.data.image_size % cfg.f2:
         raise EfditError(f"image size {cfg.data.image_size} is not divisible by f2 = {cfg.f2}")
     check_dvae_losses(cfg.dvae)
+    lat = cfg.data.image_size // cfg.dvae.f1
+    if cfg.dit.patch_size < 1 or lat % cfg.dit.patch_size:
+        raise EfditError(f"--dit.patch_size {cfg.dit.patch_size} must divide the fine latent's size {lat}")
     for name in ("dgt", "dct", "dit"):
         part = getattr(cfg, name)
         if part.hidden_size % part.num_heads:

@@ -48,14 +48,15 @@ LATENT_IMAGES = 20_000   # stage-2 training images (encoded once); the DGT uses 
 # ---- the generic loop -------------------------------------------------------------------------------------
 def fit(name: str, model: torch.nn.Module, loss_fn, lr: float, steps: int, minutes: float, ema_decay: float,
         run_dir: Path, batch_size: int, progress: bool = True, log_every: int = 20, grad_clip: float = 1.0,
-        after_step=None):
-    """AdamW + EMA until `steps` or `minutes` (0 = no limit). loss_fn(gen) -> dict with "loss" (scalar).
+        after_step=None, seed: int = 0):
+    """AdamW + EMA until `steps` or `minutes` (0 = no limit). loss_fn(gen) -> dict with "loss" (scalar); gen, seeded
+    with `seed`, draws the batches, timesteps and noise.
     after_step(step) (optional), called after each optimizer step (step counted from 0): a second model's step
     (the DVAE's discriminator), returning a dict of terms to log (or None)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     log = open(run_dir / f"log-{name}.jsonl", "w")
     budget = minutes * 60 if minutes else math.inf
     start, step, window = time.time(), 0, {}
@@ -128,7 +129,7 @@ def fit_and_save(name: str, model, loss_fn, stage, cfg: D2itConfig, run_dir: Pat
     """Train a stage with its own config section `stage` (lr, steps, minutes, ema_decay, batch_size), save its EMA
     to `name`.safetensors and print a one-line summary."""
     ema, info = fit(name, model, loss_fn, stage.lr, stage.steps, stage.minutes, stage.ema_decay, run_dir,
-                    stage.batch_size, progress)
+                    stage.batch_size, progress, seed=cfg.seed)
     save_stage(run_dir / f"{name}.safetensors", ema, cfg, progress=info, **meta)
     print(f"{name.upper() if name != 'dit' else 'DiT'}: {info['steps']} steps ({info['images']:,} {unit}, "
           f"{info['seconds']:.0f} s)")
@@ -211,7 +212,7 @@ def stage_dvae(cfg: D2itConfig, run_dir: Path, progress: bool = True):
     if d.perceptual_weight or d.disc_weight:
         loss_fn, after_step, _ = dvae_objective(cfg, model, batch, train_ds.num_channels)
     ema, info = fit("dvae", model, loss_fn, d.lr, d.steps, d.minutes, 0.999, run_dir, d.batch_size, progress,
-                    after_step=after_step)
+                    after_step=after_step, seed=cfg.seed)
     # latent scale factor: 1 / std of Z_d at r_fine over a data sample
     tau = threshold_for(th, cfg.grains.r_fine)
     idx = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(1))[:2048]
@@ -365,7 +366,7 @@ def load_dct(cfg: D2itConfig, run_dir: Path):
 # ---- stage: plain DiT baseline ---------------------------------------------------------------------------
 def build_baseline_dit(cfg: D2itConfig, in_channels: int, num_classes: int) -> DiT:
     d = cfg.dit
-    return DiT(input_size=cfg.data.image_size // cfg.dvae.f1, patch_size=2, in_channels=in_channels,
+    return DiT(input_size=cfg.data.image_size // cfg.dvae.f1, patch_size=d.patch_size, in_channels=in_channels,
                hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads, num_classes=num_classes,
                class_dropout_prob=cfg.dct.class_dropout_prob, learn_sigma=cfg.dct.learn_sigma)
 
