@@ -237,7 +237,8 @@ def sdpa_base(tmp_path_factory):
     return trained_digits_base(tmp_path_factory.mktemp("sdpa_base"), 160)
 
 
-@pytest.mark.parametrize("adapt,kept", [("auto", ("lora_A", "lora_B")), ("full", ("weight",))])
+@pytest.mark.parametrize("adapt,kept", [("auto", ("lora_A.default.weight", "lora_B.default.weight")),
+                                        ("full", ("weight",))])
 def test_proxy_peft_delta_holds_the_adapted_attention_and_reloads(sdpa_base, tmp_path, adapt, kept):
     from efdit.config import build_config
     from efdit.engine.files import load_model
@@ -262,6 +263,6 @@ def test_proxy_peft_delta_holds_the_adapted_attention_and_reloads(sdpa_base, tmp
     if adapt == "full":
         assert changed == attn                                 # the attention matrices trained
     else:
-        assert all(tensors[k].abs().sum() > 0 for k in attn if k.endswith("lora_B"))  # B left 0: trained
-        assert torch.equal(sd["blocks.0.attn.qkv.weight"], base_sd["blocks.0.attn.qkv.weight"])
+        assert all(tensors[k].abs().sum() > 0 for k in attn if "lora_B" in k)  # B left 0: trained
+        assert torch.equal(sd["blocks.0.attn.qkv.base_layer.weight"], base_sd["blocks.0.attn.qkv.weight"])
     assert model.blocks[0].attn.backend_name == "proxy"

@@ -165,7 +165,7 @@ def attention_names(m):
 
 
 def lora_names(depth=2):
-    return sorted(f"blocks.{i}.attn.{layer}.{f}" for i in range(depth) for layer in ("qkv", "proj")
+    return sorted(f"blocks.{i}.attn.{layer}.{f}.default.weight" for i in range(depth) for layer in ("qkv", "proj")
                   for f in ("lora_A", "lora_B"))
 
 
@@ -197,7 +197,7 @@ def test_attention_adaptation_trains_these_tensors(backend, preset, adapt, expec
     assert set(lora_names()) <= set(added) if "lora_A" in str(expected) else not any("lora_" in k for k in added)
     rule = {n for n, p in apply_and_return(tiny(), preset).named_parameters() if p.requires_grad}
     # the rule's own set is unchanged: adaptation only adds the attention tensors above
-    assert {n for n, p in m.named_parameters() if p.requires_grad} == rule | set(expected)
+    assert {n.replace("base_layer.", "") for n, p in m.named_parameters() if p.requires_grad} == rule | set(expected)
 
 
 def apply_and_return(m, preset):
@@ -208,22 +208,22 @@ def apply_and_return(m, preset):
 def test_lora_preset_under_proxy_keeps_its_own_adapters_only():
     m = tiny(attn_backend="proxy")
     apply_peft(m, "lora", lora_rank=2)
-    assert m.attn_adapt == "frozen" and "blocks.0.attn.qkv.lora_A" not in dict(m.named_parameters())
-    assert "blocks.0.attn.qkv.lora_A.default.weight" in dict(m.named_parameters())
+    names = dict(m.named_parameters())
+    assert m.attn_adapt == "frozen" and "blocks.0.mlp.fc1.lora_A.default.weight" in names
+    assert sum("blocks.0.attn.qkv.lora_A" in n for n in names) == 1      # the preset's adapter, not a second one
 
 
 def test_attention_lora_starts_as_the_frozen_model_and_then_adapts_it():
-    from efdit.models.peft import LoRALinear
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 4])
     m0 = randomize(tiny(attn_backend="proxy"))
     apply_peft(m0, "finediffusion", attn_adapt="frozen")
     m = randomize(tiny(attn_backend="proxy"))
     added = apply_peft(m, "finediffusion", lora_rank=2)
-    assert isinstance(m.blocks[0].attn.qkv, LoRALinear) and m.blocks[0].attn.qkv.weight is \
-        dict(m.named_parameters())["blocks.0.attn.qkv.weight"]
-    # base keys kept (a base checkpoint loads as is), adapters added under their own names
-    assert set(m.state_dict()) == set(m0.state_dict()) | set(lora_names())
-    assert set(lora_names()) <= set(added)
+    # the same peft LoRA as the lora preset, on the attention only: qkv / proj wrapped, the MLP untouched
+    wrapped = {k.replace("base_layer.", "") for k in m.state_dict() if "base_layer" in k}
+    assert wrapped == {f"blocks.{i}.attn.{layer}.{leaf}" for i in range(2) for layer in ("qkv", "proj")
+                       for leaf in ("weight", "bias")}
+    assert set(lora_names()) == {k for k in added if "lora_" in k}
     m0.eval(), m.eval()
     with torch.no_grad():
         assert torch.equal(m(x, t, y), m0(x, t, y))   # B = 0: exactly the frozen model
@@ -231,14 +231,30 @@ def test_attention_lora_starts_as_the_frozen_model_and_then_adapts_it():
     m.y_embedder.dropout_prob = 0.0
     (m(x, t, y) - torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))).square().mean().backward()
     params = dict(m.named_parameters())
-    assert params["blocks.0.attn.qkv.weight"].grad is None
-    assert params["blocks.1.attn.proj.lora_B"].grad.abs().sum() > 0
-    # y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, s = α / r
-    layer = LoRALinear(torch.nn.Linear(5, 3), rank=2, alpha=6.0)
+    assert params["blocks.0.attn.qkv.base_layer.weight"].grad is None
+    assert params["blocks.1.attn.proj.lora_B.default.weight"].grad.abs().sum() > 0
+    # y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, s = α / r = 1
+    layer = m.blocks[0].attn.qkv
+    A, B = params["blocks.0.attn.qkv.lora_A.default.weight"], params["blocks.0.attn.qkv.lora_B.default.weight"]
     with torch.no_grad():
-        layer.lora_B.normal_()
-    v = torch.randn(4, 5)
-    torch.testing.assert_close(layer(v), v @ layer.weight.T + layer.bias + 3.0 * (v @ layer.lora_A.T) @ layer.lora_B.T)
+        B.normal_()
+        v = torch.randn(4, A.shape[1])
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        torch.testing.assert_close(layer(v), v @ W.T + b + (v @ A.T) @ B.T)
+
+
+@pytest.mark.parametrize("preset,adapt", [("lora", "auto"), ("finediffusion", "lora")])
+def test_lora_models_load_a_plain_base_checkpoint(preset, adapt):
+    """A base saved without adapters fills a LoRA-wrapped model (`qkv.weight` -> `qkv.base_layer.weight`), which
+    then computes exactly the base: before, the lora preset refused every base ("does not fit the model")."""
+    from efdit.models.checkpoint import load_state_dict_checked
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 4])
+    base = randomize(tiny(attn_backend="proxy")).eval()
+    m = tiny(attn_backend="proxy")
+    added = apply_peft(m, preset, lora_rank=2, attn_adapt=adapt)
+    load_state_dict_checked(m, base.state_dict(), allow_missing=tuple(added), verbose=False)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x, t, y), base(x, t, y))
 
 
 def test_sdpa_default_builds_and_trains_exactly_as_before():

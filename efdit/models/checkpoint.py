@@ -102,6 +102,17 @@ def infer_dit_config(sd: dict[str, torch.Tensor]) -> dict:
                 learn_sigma=out_dim == 2 * p * p * in_ch)
 
 
+def wrapped_keys(sd: dict[str, torch.Tensor], own) -> dict[str, torch.Tensor]:
+    """`sd` with `<layer>.weight` / `.bias` renamed `<layer>.base_layer.weight` / `.bias` where the model (its keys
+    `own`) has only the latter: peft's LoRA keeps each wrapped Linear as `base_layer` (models/peft.py)."""
+    out = {}
+    for k, v in sd.items():
+        head, _, leaf = k.rpartition(".")
+        wrapped = f"{head}.base_layer.{leaf}"
+        out[wrapped if k not in own and wrapped in own else k] = v
+    return out
+
+
 def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, replace_label_table: bool = False,
                             allow_missing: tuple[str, ...] = (), source: str = "checkpoint", verbose: bool = True
                             ) -> list[str]:
@@ -110,8 +121,10 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor],
     replace_label_table: every `y_embedder.*` key of the model keeps its new initialisation (new label set:
     new num_classes, or a tiered embedder) and the checkpoint's label tables are ignored; what was
     re-initialised is printed. `allow_missing`: key prefixes the checkpoint may lack (zero-initialised extras).
+    A plain checkpoint loads into a model whose layers LoRA wrapped (`wrapped_keys`).
     """
     own = model.state_dict()
+    sd = wrapped_keys(sd, own)
     reinit = []
     if replace_label_table:
         reinit = sorted(k for k in own if k.startswith(LABEL_TABLE_PREFIX))

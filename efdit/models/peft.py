@@ -17,8 +17,8 @@ the attention is the one the base was trained with (SDPA), and wrong when ProAtt
 replaces it: nothing trainable can then absorb the change of the attention core. `attn_adapt` says what the
 attention weights get on top of the rule:
   frozen  nothing (the rule alone)
-  lora    a rank-r update on every block's qkv and proj (`LoRALinear`: the base keys `qkv.weight` / `qkv.bias`
-          stay, `qkv.lora_A` / `qkv.lora_B` are added, B = 0 at the start)
+  lora    a rank-r update on every block's qkv and proj (`add_attention_lora`: the same `peft` LoRA as the lora
+          preset, on those two layers only; B = 0 at the start)
   full    qkv.weight and proj.weight train as well
   auto    lora when a backend other than exact softmax attention (sdpa | math) runs under a rule that freezes
           qkv / proj (bitfit, difffit, finediffusion, efdit); frozen otherwise (SDPA, and the full / lora presets,
@@ -27,11 +27,8 @@ attention weights get on top of the rule:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import EfditError, did_you_mean
 
@@ -70,56 +67,28 @@ def add_difffit_scales(model: nn.Module, blocks: str = "all") -> list[str]:
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
-             targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+             targets: tuple[str, ...] = LORA_TARGETS, modules: tuple[str, ...] = ("attn", "mlp")) -> list[str]:
+    """LoRA (rank r, α = r unless given) through the `peft` library on the blocks' `modules`.`targets` layers.
+
+    peft keeps each wrapped Linear as `<layer>.base_layer` (keys `blocks.0.attn.qkv.base_layer.weight`) and adds
+    `<layer>.lora_A.default.weight` (Kaiming-uniform) and `<layer>.lora_B.default.weight` (zeros), so the model
+    starts as the wrapped one; a plain base checkpoint loads into it through `load_state_dict_checked`, which maps
+    `qkv.weight` to `qkv.base_layer.weight`. Returns the added keys."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        raise EfditError("the lora preset needs the `peft` library: pip install 'efdit[lora]'") from None
+        raise EfditError("LoRA needs the `peft` library: pip install 'efdit[lora]'") from None
     before = set(model.state_dict())
     # a regex on full module names, so that `proj` means the attention output and not x_embedder.proj
-    pattern = r".*blocks\.\d+\.(attn|mlp)\.(" + "|".join(targets) + ")"
+    pattern = r".*blocks\.\d+\.(" + "|".join(modules) + r")\.(" + "|".join(targets) + ")"
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=pattern, lora_dropout=0.0, bias="none")
     inject_adapter_in_model(cfg, model)
     return sorted(k for k in model.state_dict() if k not in before and "lora_" in k)
 
 
-class LoRALinear(nn.Linear):
-    """A Linear with a rank-r update: y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, A: (r, in), B: (out, r), s = α / r.
-
-    It keeps the wrapped layer's own `weight` / `bias` (same tensors, same state-dict keys, so a base checkpoint
-    loads as is) and adds `lora_A` (Kaiming-uniform) and `lora_B` (zeros): at the start it computes exactly the
-    wrapped layer."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
-        nn.Module.__init__(self)
-        if rank < 1:
-            raise EfditError(f"the LoRA rank must be ≥ 1, got {rank}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = (alpha or rank) / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
-
-
 def add_attention_lora(model: nn.Module, rank: int = 8) -> list[str]:
-    """LoRA (`LoRALinear`) on every block's attention qkv and proj. Returns the added keys."""
-    added = []
-    for i, block in enumerate(model.blocks):
-        for name in ("qkv", "proj"):
-            layer = getattr(block.attn, name)
-            if isinstance(layer, LoRALinear):
-                continue
-            setattr(block.attn, name, LoRALinear(layer, rank))
-            added += [f"blocks.{i}.attn.{name}.lora_A", f"blocks.{i}.attn.{name}.lora_B"]
-    return added
+    """LoRA on every block's attention qkv and proj (the `lora` attention adaptation). Returns the added keys."""
+    return add_lora(model, rank, targets=("qkv", "proj"), modules=("attn",))
 
 
 def attention_backends(model: nn.Module) -> set[str]:
@@ -164,10 +133,11 @@ def apply_peft(model: nn.Module, preset: str, lora_rank: int = 8, difffit_blocks
 
 
 def is_attention_weight(name: str) -> bool:
-    """A block's attention matrix or its LoRA factor: blocks.<i>.attn.{qkv,proj}.{weight,lora_A,lora_B}."""
+    """A block's attention matrix or its LoRA factor: blocks.<i>.attn.{qkv,proj}.weight, .base_layer.weight or
+    .lora_{A,B}.<adapter>.weight."""
     parts = name.split(".")
-    return len(parts) == 5 and parts[0] == "blocks" and parts[2] == "attn" and parts[3] in ("qkv", "proj") \
-        and parts[4] in ("weight", "lora_A", "lora_B")
+    return len(parts) >= 5 and parts[0] == "blocks" and parts[2] == "attn" and parts[3] in ("qkv", "proj") \
+        and parts[-1] == "weight" and (len(parts) == 5 or parts[4] in ("base_layer", "lora_A", "lora_B"))
 
 
 def is_trainable(name: str, preset: str) -> bool:
