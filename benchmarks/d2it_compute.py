@@ -165,6 +165,18 @@ def sample_arms(args, out: Path, dirs: dict, seed: int, labels, B: dict) -> list
     return rows
 
 
+def same_counts(pool: torch.Tensor, labels: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """Indices into `pool` (labels) with as many items of every class as `labels` has (random, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for c, n in zip(*torch.unique(labels, return_counts=True)):
+        idx = (pool == c).nonzero().flatten()
+        if len(idx) < n:
+            raise SystemExit(f"class {int(c)}: {len(idx)} train images for {int(n)} test images")
+        out.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+    return torch.cat(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="fmnist32")
@@ -178,7 +190,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=25, help="DDPM steps of the DCT chain (and the DiTs' 'same steps')")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance on the DCT and the DiTs (1 = off)")
     p.add_argument("--grain-cfg-scale", type=float, default=1.5, help="the DGT's guidance")
-    p.add_argument("--n-per-class", type=int, default=30)
+    p.add_argument("--n-per-class", type=int, default=30, help="0: the whole test split")
     args = p.parse_args()
     args.patches = [int(v) for v in args.patches.split(",")]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -199,7 +211,12 @@ def main() -> int:
 
     cfg = cfg_for(args, shared)
     train_ds, test_ds = datasets(cfg)
-    idx = per_class_indices(test_ds.sub_labels, args.n_per_class, 0)
+    if args.n_per_class > 0:
+        idx = per_class_indices(test_ds.sub_labels, args.n_per_class, 0)
+        floor_idx = per_class_indices(train_ds.sub_labels, args.n_per_class, 1)
+    else:                       # the whole test split; the floor from train images with the same class counts
+        idx = torch.arange(len(test_ds))
+        floor_idx = same_counts(train_ds.sub_labels, test_ds.sub_labels)
     ref, labels = test_ds.images[idx], test_ds.sub_labels[idx]
     names = test_ds.hierarchy.sub_names
     ext = FeatureExtractor()
@@ -215,7 +232,6 @@ def main() -> int:
         return f
 
     ref_f = feats("reference", ref)
-    floor_idx = per_class_indices(train_ds.sub_labels, args.n_per_class, 1)
     floor = bootstrap_metrics(feats("floor", train_ds.images[floor_idx]), ref_f, sub_labels=train_ds.sub_labels[floor_idx],
                               kid=False, prc=False, seed=99)
     results, meta = {}, {}
@@ -229,7 +245,7 @@ def main() -> int:
             rows = json.loads(done.read_text())
         else:
             rows = sample_arms(args, out, dirs, s, labels, B)
-            show = torch.cat([torch.nonzero(labels == c).flatten()[:4] for c in labels.unique().tolist()])
+            show = torch.cat([torch.nonzero(labels == c).flatten()[:4] for c in labels.unique().tolist()[:12]])
             for r in rows:
                 feats(f"{r['key']}-s{s}", r["images"])
                 if s == 0:
@@ -248,9 +264,10 @@ def main() -> int:
     key = "fd_effnetlite0"
     training = {"d2it": stage_info(out / "s0" / "d2it" / "dct.safetensors"),
                 **{p: stage_info(out / "s0" / f"dit-p{p}" / "dit.safetensors") for p in args.patches}}
-    lines = [f"# D²iT vs DiT at equal compute ({args.preset}, {args.seeds} seeds)", "",
-             f"FD-EffNetLite0 (64 px) of {len(labels)} samples ({args.n_per_class} per class) against as many test "
-             f"images; mean over seeds [two-stage bootstrap 95 % CI]; Δ to D²iT, unpaired. DDPM, DCT / DiT guidance "
+    lines = [f"# D²iT vs DiT at equal compute ({args.preset}, {args.seeds} seed{'s' if args.seeds > 1 else ''})", "",
+             f"FD-EffNetLite0 (64 px) of {len(labels)} samples (" +
+             (f"{args.n_per_class} per class" if args.n_per_class > 0 else "the test split's labels") +
+             ") against as many test images; mean over seeds [two-stage bootstrap 95 % CI]; Δ to D²iT, unpaired. DDPM, DCT / DiT guidance "
              f"{args.cfg_scale}, DGT guidance {args.grain_cfg_scale} ({cfg.dgt.sample_steps} steps).", "",
              f"Training GFLOP (3 forwards per image): DVAE {B['dvae_train'] / G:,.0f} (shared by both sides), "
              f"DGT {B['dgt_train'] / G:,.0f} + DCT {B['dct_train'] / G:,.0f} ({args.dct_steps} steps × "

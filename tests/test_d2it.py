@@ -325,3 +325,22 @@ def test_baseline_dit_patch_size_and_seeded_batches(tmp_path):
         fit("m", model, loss_fn, 1e-3, 3, 0, 0, tmp_path, 1, progress=False, seed=seed)
         drawn.setdefault(seed, []).append(seen)
     assert drawn[0][0] == drawn[0][1] and drawn[0][0] != drawn[1][0]
+
+
+def test_split_by_share_holds_out_a_share_of_every_class():
+    """A dataset without a test split (emoji): floor(share · n_c) of every class held out, disjoint, seeded."""
+    from efdit.d2it.data import split_by_share
+    from efdit.data.base import HierarchicalDataset
+    from efdit.data.hierarchy import Hierarchy
+    counts = [10, 4, 5, 1]
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    ds = HierarchicalDataset(images, labels, Hierarchy(["a", "b", "c", "d"], ["x", "y"], torch.tensor([0, 0, 1, 1])),
+                             "toy")
+    train, test = split_by_share(ds, 0.2)
+    assert torch.bincount(test.sub_labels, minlength=4).tolist() == [2, 0, 1, 0]
+    assert torch.bincount(train.sub_labels, minlength=4).tolist() == [8, 4, 4, 1]
+    seen = set(train.images[:, 0, 0, 0].tolist()) | set(test.images[:, 0, 0, 0].tolist())
+    assert len(seen) == len(ds) and test.split == "test"
+    assert torch.equal(split_by_share(ds, 0.2)[1].images, test.images)
+    assert not torch.equal(split_by_share(ds, 0.5, seed=1)[1].images[:5], split_by_share(ds, 0.5)[1].images[:5])

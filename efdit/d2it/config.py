@@ -21,6 +21,10 @@ class D2DataConfig:
     channels: int = 0               # 0 = the dataset's own
     root: str = ""
     hflip: bool = False
+    super_level: str = ""           # emoji only: the hierarchy's levels (group | subgroup | emoji; "" = its default)
+    sub_level: str = ""
+    categories: str = ""            # emoji only: "all" or comma-separated groups ("" = its default)
+    test_share: float = 0.2         # a dataset without a test split (emoji): this share of every class held out
 
 
 @dataclass
@@ -160,8 +164,10 @@ class D2itConfig:
 D2IT_PRESETS: dict[str, dict] = {
     # 32x32 Fashion-MNIST (zero-padded), 8x8 grain map of 4 px regions, 16x16 fine latent: minutes per stage on CPU.
     "fmnist32": {},
-    # 32x32 RGB emoji, same scale.
-    "emoji32": {"data.dataset": "emoji", "data.hflip": True},
+    # 32x32 RGB emoji, same scale: the whole set (3,812 images, both drawing styles), 98 subgroups under 9 groups;
+    # a fifth of every subgroup held out as the test split (the set has none).
+    "emoji32": {"data.dataset": "emoji", "data.hflip": True, "data.super_level": "group",
+                "data.sub_level": "subgroup", "data.categories": "all"},
     # The paper's scale (for a GPU): 256 px, f1 = 8 / f2 = 16, 16x16 grain map of 16 px regions, P = S² = 256 bins,
     # a DiT-B-wide DCT with 10 trunk + 2 RefineNet blocks (Table 4's best split), a DiT-S-sized DGT.
     "imagenet256": {"data.dataset": "folder", "data.image_size": 256, "grains.bins": 256, "dvae.f1": 8,
@@ -188,6 +194,8 @@ def build_d2it_config(preset: str | None, overrides: dict) -> D2itConfig:
     if cfg.data.image_size % cfg.f2:
         raise EfditError(f"image size {cfg.data.image_size} is not divisible by f2 = {cfg.f2}")
     check_dvae_losses(cfg.dvae)
+    if not 0.0 < cfg.data.test_share < 1.0:
+        raise EfditError(f"--data.test_share must lie in (0, 1), got {cfg.data.test_share}")
     lat = cfg.data.image_size // cfg.dvae.f1
     if cfg.dit.patch_size < 1 or lat % cfg.dit.patch_size:
         raise EfditError(f"--dit.patch_size {cfg.dit.patch_size} must divide the fine latent's size {lat}")

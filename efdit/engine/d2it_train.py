@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..d2it.config import D2itConfig, run_dir_of
-from ..d2it.data import load_d2it_dataset, to_signed
+from ..d2it.data import load_d2it_dataset, split_by_share, to_signed
 from ..d2it.grains import (
     compute_thresholds,
     grain_map,
@@ -136,18 +136,37 @@ def fit_and_save(name: str, model, loss_fn, stage, cfg: D2itConfig, run_dir: Pat
 
 
 # ---- stage: prepare -------------------------------------------------------------------------------------
+NO_TEST_SPLIT = ("emoji",)   # datasets whose "train" is the whole set: a test split is held out by share
+
+
 def datasets(cfg: D2itConfig):
+    """(train, test) of the run's dataset; for one without a test split, `data.test_share` of every class is held
+    out (seeded, so every stage and every evaluation sees the same split)."""
     d = cfg.data
-    return (load_d2it_dataset(d.dataset, "train", d.image_size, channels=d.channels, root=d.root),
-            load_d2it_dataset(d.dataset, "test", d.image_size, channels=d.channels, root=d.root))
+    kw = dict(channels=d.channels, root=d.root, super_level=d.super_level, sub_level=d.sub_level,
+              categories=d.categories)
+    if d.dataset in NO_TEST_SPLIT:
+        return split_by_share(load_d2it_dataset(d.dataset, "train", d.image_size, **kw), d.test_share)
+    return (load_d2it_dataset(d.dataset, "train", d.image_size, **kw),
+            load_d2it_dataset(d.dataset, "test", d.image_size, **kw))
+
+
+def data_tag(cfg: D2itConfig) -> str:
+    """The name the cached thresholds are stored under: the dataset and whatever changes its train images."""
+    d = cfg.data
+    tag = d.dataset + (f"-c{d.channels}" if d.channels else "")
+    if d.dataset in NO_TEST_SPLIT:
+        levels = "-".join(v.replace(" ", "_").replace(",", "+") or "default"
+                          for v in (d.categories, d.super_level, d.sub_level))
+        tag += f"-{levels}-train{1 - d.test_share:g}"
+    return tag
 
 
 def get_thresholds(cfg: D2itConfig, train_images: torch.Tensor, progress: bool = True):
     """Dataset thresholds: read from the cache, or computed once on the train split and cached.
     Returns (thresholds dict, train entropies or None when read from the cache)."""
     spec = cfg.entropy_spec()
-    path = thresholds_path(cache_dir(), cfg.data.dataset + (f"-c{cfg.data.channels}" if cfg.data.channels else ""),
-                           cfg.data.image_size, spec)
+    path = thresholds_path(cache_dir(), data_tag(cfg), cfg.data.image_size, spec)
     if path.is_file():
         return load_thresholds(path, spec), None
     images = train_images
