@@ -255,10 +255,12 @@ def main() -> int:
             done.write_text(json.dumps(rows, indent=1))
         for k, r in enumerate(rows):
             f = np.load(fdir / f"{r['key']}-s{s}.npy")
-            results.setdefault(r["key"], []).append(bootstrap_metrics(f, ref_f, sub_labels=labels, kid=False,
+            # grouped by arm, not by key: the equal-FLOPs step count can differ by one between seeds (D²iT's
+            # FLOPs follow its sampled grain maps)
+            results.setdefault(r["arm"], []).append(bootstrap_metrics(f, ref_f, sub_labels=labels, kid=False,
                                                                       prc=False, seed=100 * s + k))
-            meta.setdefault(r["key"], r)
-        print(f"seed {s}: " + ", ".join(f"{r['arm']} FD {results[r['key']][-1].point['fd_effnetlite0']:.0f}"
+            meta.setdefault(r["arm"], []).append(r)
+        print(f"seed {s}: " + ", ".join(f"{r['arm']} FD {results[r['arm']][-1].point['fd_effnetlite0']:.0f}"
                                         for r in rows), flush=True)
 
     key = "fd_effnetlite0"
@@ -282,22 +284,27 @@ def main() -> int:
              f"| real train images (floor) | – | – | – | {floor.point[key]:.0f} [{floor.interval(key).low:.0f}, "
              f"{floor.interval(key).high:.0f}] | – | – |"]
     summary = {}
+    first = next(iter(results))                   # D²iT
     for k, rs in results.items():
         c = combine_seeds(rs)[key]
-        if k == "d2it":
+        if k == first:
             delta = "—"
         else:
-            d = combine_seeds([difference_result(a, b, paired=False) for a, b in zip(rs, results["d2it"])])[key]
+            d = combine_seeds([difference_result(a, b, paired=False) for a, b in zip(rs, results[first])])[key]
             iv = d["interval"]
             verdict = "no difference" if iv.contains(0.0) else ("D²iT better" if d["mean"] > 0 else "DiT better")
             delta = f"{d['mean']:+.0f} [{iv.low:+.0f}, {iv.high:+.0f}] {verdict}"
             summary[k] = {"delta": d["mean"], "low": iv.low, "high": iv.high, "verdict": verdict}
-        m = meta[k]
+        ms = meta[k]
+        steps = sorted({r["steps"] for r in ms})
+        m = {"arm": k, "key": ms[0]["key"], "tokens": float(np.mean([r["tokens"] for r in ms])),
+             "steps": f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else steps[0],
+             "gflop_sample": float(np.mean([r["gflop_sample"] for r in ms]))}
         lines.append(f"| {m['arm']} | {m['tokens']:.0f} | {m['steps']} | {m['gflop_sample']:.2f} | {c['mean']:.0f} "
                      f"[{c['interval'].low:.0f}, {c['interval'].high:.0f}] | "
                      f"{', '.join(f'{v:.0f}' for v in c['per_seed'])} | {delta} |")
         summary.setdefault(k, {}).update({"fd": c["mean"], "low": c["interval"].low, "high": c["interval"].high,
-                                          "per_seed": c["per_seed"], **{x: m[x] for x in ("arm", "steps", "tokens",
+                                          "per_seed": c["per_seed"], **{x: m[x] for x in ("key", "steps", "tokens",
                                                                                           "gflop_sample")}})
     text = "\n".join(lines) + "\n"
     (out / "compute.md").write_text(text)
