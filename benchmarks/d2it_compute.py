@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+BATCH = 250      # D2iTPipeline's sampling batch: the DCT's RefineNet is padded to each batch's largest grain count
 SHARED_FILES = ("thresholds.json", "entropy.safetensors", "dvae.safetensors", "latents.safetensors",
                 "dgt.safetensors")
 
@@ -59,8 +60,8 @@ def link_shared(shared: Path, run_dir: Path) -> None:
 
 
 def stage_info(path: Path) -> dict:
-    from efdit.models.checkpoint import load_safetensors
-    return load_safetensors(path)[1].get("progress", {})
+    from efdit.engine.d2it_train import load_stage
+    return load_stage(path)[1].get("progress", {})
 
 
 def dct_train_forward(cfg, shared: Path, draws: int = 200) -> float:
@@ -83,8 +84,10 @@ def budget(args, shared: Path) -> dict:
     from efdit.d2it.flops import dgt_flops, dvae_flops_of, training_flops
     from efdit.models.flops import dit_flops
     cfg = cfg_for(args, shared)
-    dvae_info, dgt_info = stage_info(shared / "dvae.safetensors"), stage_info(shared / "dgt.safetensors")
-    in_ch = int(json.loads((shared / "meta.json").read_text())["in_channels"])
+    from efdit.engine.d2it_train import load_stage
+    dvae_meta = load_stage(shared / "dvae.safetensors")[1]
+    dvae_info, dgt_info = dvae_meta.get("progress", {}), stage_info(shared / "dgt.safetensors")
+    in_ch = int(dvae_meta["in_channels"])
     vae = dvae_flops_of(cfg, in_ch)
     f_dgt = dgt_flops(cfg.data.image_size // cfg.f2, cfg.dgt.hidden_size, cfg.dgt.depth)["total"]
     f_dct = dct_train_forward(cfg, shared)
@@ -103,7 +106,7 @@ def budget(args, shared: Path) -> dict:
 
 
 def train_shared(args, shared: Path) -> None:
-    from efdit.engine.d2it_train import datasets, train_d2it
+    from efdit.engine.d2it_train import train_d2it
     shared.mkdir(parents=True, exist_ok=True)
     if args.shared_from:
         src = Path(args.shared_from)
@@ -112,9 +115,6 @@ def train_shared(args, shared: Path) -> None:
                 shutil.copy(src / f, shared / f)
     cfg = cfg_for(args, shared)
     train_d2it(cfg, ["prepare", "dvae", "latents", "dgt"])
-    if not (shared / "meta.json").is_file():
-        train_ds, _ = datasets(cfg)
-        (shared / "meta.json").write_text(json.dumps({"in_channels": train_ds.num_channels}))
 
 
 def train_seed(args, out: Path, shared: Path, seed: int, B: dict) -> dict:
@@ -139,9 +139,9 @@ def sample_arms(args, out: Path, dirs: dict, seed: int, labels, B: dict) -> list
     cfg = pipe.cfg
     t0 = time.time()
     images, maps = pipe(labels, grain_source="dgt", steps=str(args.steps), sampler="ddpm", cfg_scale=args.cfg_scale,
-                        grain_cfg_scale=args.grain_cfg_scale, seed=1000 + seed, progress=False)
-    dct_fwd = sum(dct_model_flops(pipe.dct, grain=maps[i:i + 250])["total"] * len(maps[i:i + 250])
-                  for i in range(0, len(maps), 250)) / len(maps)      # the pipeline's batches of 250
+                        grain_cfg_scale=args.grain_cfg_scale, seed=1000 + seed, progress=False, batch_size=BATCH)
+    dct_fwd = sum(dct_model_flops(pipe.dct, grain=maps[i:i + BATCH])["total"] * len(maps[i:i + BATCH])
+                  for i in range(0, len(maps), BATCH)) / len(maps)
     r = pipe.dct.grid[0] * pipe.dct.grid[1]
     fine = float(maps.float().mean())
     d2it_sample = (sampling_flops(B["dgt_forward"], cfg.dgt.sample_steps, args.grain_cfg_scale)
@@ -156,7 +156,7 @@ def sample_arms(args, out: Path, dirs: dict, seed: int, labels, B: dict) -> list
         for label, steps in (("same steps", args.steps), ("same sampling FLOPs", matched)):
             t0 = time.time()
             imgs = dit.sample_baseline(labels, steps=str(steps), sampler="ddpm", cfg_scale=args.cfg_scale,
-                                       seed=1000 + seed, progress=False)
+                                       seed=1000 + seed, progress=False, batch_size=BATCH)
             g = cfg.data.image_size // cfg.f2
             rows.append({"arm": f"DiT/{p}, {label}", "key": f"dit-p{p}-{steps}", "steps": steps,
                          "tokens": d["tokens"], "gflop_sample": (per_step * steps + B["decoder"]) / 1e9,
