@@ -344,3 +344,20 @@ def test_split_by_share_holds_out_a_share_of_every_class():
     assert len(seen) == len(ds) and test.split == "test"
     assert torch.equal(split_by_share(ds, 0.2)[1].images, test.images)
     assert not torch.equal(split_by_share(ds, 0.5, seed=1)[1].images[:5], split_by_share(ds, 0.5)[1].images[:5])
+
+
+def test_cached_thresholds_are_keyed_by_what_changes_the_train_images():
+    """The thresholds cache name (`data_tag`) changes with the emoji hierarchy, categories and held-out share, and
+    stays the plain dataset name where nothing of that applies (existing caches keep their names)."""
+    from efdit.d2it.config import build_d2it_config
+    from efdit.engine.d2it_train import data_tag
+    from efdit.errors import EfditError
+    assert data_tag(build_d2it_config("fmnist32", {})) == "fmnist"
+    assert data_tag(build_d2it_config("fmnist32", {"data.channels": 3})) == "fmnist-c3"
+    emoji = build_d2it_config("emoji32", {})
+    tags = {data_tag(emoji), data_tag(build_d2it_config("emoji32", {"data.test_share": 0.3})),
+            data_tag(build_d2it_config("emoji32", {"data.sub_level": "emoji"})),
+            data_tag(build_d2it_config("emoji32", {"data.categories": "Food & Drink"}))}
+    assert len(tags) == 4 and all(t.startswith("emoji-") and " " not in t for t in tags)
+    with pytest.raises(EfditError, match="test_share"):
+        build_d2it_config("emoji32", {"data.test_share": 1.0})
