@@ -87,3 +87,35 @@ def test_inception_needs_a_local_file(tiny_run, capsys):
     assert cli_main(["evaluate", str(tiny_run), "--n-per-class", "2", "--steps", "2", "--no-progress",
                      "--inception-weights", "/nonexistent/weights-inception-2015-12-05-6726825d.pth"]) == 2
     assert "Inception weights not found" in capsys.readouterr().err
+
+
+def test_a_dataset_without_a_test_split_is_scored_against_a_held_out_draw_with_a_disjoint_floor(monkeypatch):
+    """emoji is one set: its reference is a held-out class-balanced draw of it (all of a small subclass) and its
+    floor another draw of the same set that shares no image with the reference; other datasets keep test / train."""
+    import efdit.data as D
+    cfg = build_config("digits-tiny", {})
+    assert E.reference_split(cfg) == "test" and not E.one_set(cfg)
+    monkeypatch.setattr(D, "ONE_SET", frozenset({"digits"}))   # digits stands in for emoji (no npm data needed)
+    assert E.one_set(cfg) and E.reference_split(cfg) == "train"
+    (ref, ref_y), (floor, floor_y), h = E.reference_and_floor_images(cfg, "train", 7, 0)
+    assert len(ref) == len(floor) == 7 * h.num_sub
+    assert ref_y.bincount(minlength=h.num_sub).tolist() == [7] * h.num_sub
+    flat_ref = {bytes(x.numpy().tobytes()) for x in ref}
+    assert not [x for x in floor if bytes(x.numpy().tobytes()) in flat_ref]
+    again, _, _ = E.real_subset(cfg, "train", 7, 0)   # the same reference as the one the floor avoids
+    assert (again == ref).all()
+    assert "-held" in E.reference_id(cfg, "train", 7, 64, 0)
+    # a subclass smaller than n gives the reference all of it (the floor gets none of it) instead of an error
+    from efdit.engine.datasets import load_data
+    sizes = load_data(cfg, "train").class_counts()
+    n = int(sizes.min()) + 1
+    (ref, ref_y), (floor, floor_y), _ = E.reference_and_floor_images(cfg, "train", n, 0)
+    counts = ref_y.bincount(minlength=h.num_sub)
+    assert (counts == sizes.clamp(max=n)).all()
+    assert (floor_y.bincount(minlength=h.num_sub)[counts < n] == 0).all()
+
+
+def test_the_reference_cache_key_follows_the_hierarchy_and_root():
+    a = build_config("digits-tiny", {})
+    b = build_config("digits-tiny", {"data.root": "/somewhere"})
+    assert E.reference_id(a, "test", 5, 64, 0) != E.reference_id(b, "test", 5, 64, 0)

@@ -18,6 +18,7 @@ from ..engine.evaluate import (
     inception_scores,
     judge_warning,
     pixel_config,
+    reference_split,
     table_rows,
     write_json,
 )
@@ -58,7 +59,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("model", nargs="?", help="an efdit model file or run directory")
     p.add_argument("--npz", default="", help="score these samples (efdit sample's samples.npz) instead of sampling")
     p.add_argument("--n-per-class", type=positive_int, default=100)
-    p.add_argument("--split", default="test", choices=["test", "train", "val"])
+    p.add_argument("--split", default="", choices=["test", "train", "val"],
+                   help="the real split to score against (default: test; train for a set without one, emoji)")
     p.add_argument("--resolution", type=positive_int, default=64, help="feature-extractor input size")
     p.add_argument("--out", default="", help="metrics.json path (default: beside the model)")
     p.add_argument("--compare", nargs=2, metavar="METRICS_JSON", help="compare two metrics.json files")
@@ -95,14 +97,15 @@ def main(argv: list[str]) -> int:
     images = labels = None
     if args.npz:
         images, labels = read_samples(args.npz)
-    record = evaluate_model(model, cfg, h, n_per_class=args.n_per_class, split=args.split,
+    split = args.split or reference_split(cfg)
+    record = evaluate_model(model, cfg, h, n_per_class=args.n_per_class, split=split,
                             resolution=args.resolution, progress=not args.no_progress, model_sha=meta["sha256"],
                             out_json=out, device=device, images=images, labels=labels)
     if (args.inception_weights or args.dinov2_weights) and images is None:
         labels = class_labels(cfg, h, None, args.n_per_class)
         images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
     if args.dinov2_weights:
-        dino = dinov2_scores(images, labels, pixel_config(cfg), args.dinov2_weights, args.split, args.n_per_class, 0,
+        dino = dinov2_scores(images, labels, pixel_config(cfg), args.dinov2_weights, split, args.n_per_class, 0,
                              device=device)
         record["metrics"].update(dino["metrics"])
         record["intervals"].update(dino["intervals"])
@@ -112,7 +115,7 @@ def main(argv: list[str]) -> int:
         if images is None:
             labels = class_labels(cfg, h, None, args.n_per_class)
             images = generate(model, cfg, labels, device=device, progress=not args.no_progress)
-        inc = inception_scores(images, labels, pixel_config(cfg), args.inception_weights, args.split,
+        inc = inception_scores(images, labels, pixel_config(cfg), args.inception_weights, split,
                                args.n_per_class, 0, device=device)
         record["metrics"].update(inc["metrics"])
         record["intervals"].update(inc["intervals"])

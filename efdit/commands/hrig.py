@@ -78,7 +78,7 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
     with the same labels and noise as HRIG off: FD with its interval and the paired difference to off, class
     accuracy, and two spectral measures against the real test images (radially averaged power-spectrum distance,
     high-band energy ratio: 1 = real)."""
-    from ..engine.evaluate import pixel_config, real_subset
+    from ..engine.evaluate import pixel_config, real_subset, reference_split
     from ..engine.generate import class_labels, generate, hrig_hooks
     from ..metrics.bootstrap import BootstrapResult, paired_difference
     from ..metrics.spectrum import high_band_energy_ratio, spectral_distance
@@ -95,7 +95,8 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
         except EfditError as e:
             raise EfditError(f"--specs: {e}") from None
     labels = class_labels(cfg, h, None, n_per_class)
-    real, _, _ = real_subset(pixel_config(cfg), "test", n_per_class, 0)
+    split = reference_split(cfg)   # "test"; the emoji set has none: a held-out draw of it
+    real, _, _ = real_subset(pixel_config(cfg), split, n_per_class, 0)
     rows, records, off_images = [], {}, None
     for i, spec in enumerate([""] + list(specs) + [f"unsharp={a:g}" for a in unsharp]):
         is_unsharp = spec.startswith("unsharp=")
@@ -110,8 +111,8 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
             else:
                 images = generate(model, cfg, labels, progress=progress)
                 off_images = images if not spec else off_images
-            rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, progress=progress, model_sha=meta["sha256"],
-                                 images=images, labels=labels)
+            rec = evaluate_model(model, cfg, h, n_per_class=n_per_class, split=split, progress=progress,
+                                 model_sha=meta["sha256"], images=images, labels=labels)
             rec.update(hrig=spec, spectral_distance=spectral_distance(images, real),
                        high_band_energy_ratio=high_band_energy_ratio(images, real))
             write_json(dst, rec)
@@ -137,7 +138,7 @@ def sweep(run: str, specs: list[str], n_per_class: int = 20, out_dir: str = "", 
     text = (f"# HRIG sweep: {path}\n\n{len(labels)} samples ({n_per_class} per class), {s.sampler} {s.steps} steps, "
             f"guidance {s.guidance} scale {s.cfg_scale:g}, seed {s.seed}: the same labels and noise for every row "
             f"(Δ is paired). Unsharp rows sharpen the HRIG-off samples (Gaussian σ = 1 px). Spectral measures "
-            f"against {len(real)} real test images. Unset HRIG keys take its defaults (band 259:673 as SNR "
+            f"against {len(real)} real {split} images. Unset HRIG keys take its defaults (band 259:673 as SNR "
             f"[1e-2, 1), r=2, cutoff=0.25, gaussian mask, bicubic E).\n\n" + "\n".join(lines) + "\n")
     dst = out / "sweep.md"
     with atomic_write(dst, "the sweep table") as tmp:

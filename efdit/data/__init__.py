@@ -27,7 +27,10 @@ DATASETS: dict[str, str] = {
 ALIASES = {"inat": "inat21", "inat2021": "inat21", "inaturalist": "inat21", "inat-2021": "inat21",
            "fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist", "sklearn-digits": "digits"}
 
-__all__ = ["Hierarchy", "HierarchicalDataset", "build_dataset", "DATASETS"]
+# datasets that are one set, with no test split: a reference for evaluation is a class-balanced draw of it
+ONE_SET = frozenset({"emoji"})
+
+__all__ = ["Hierarchy", "HierarchicalDataset", "build_dataset", "DATASETS", "ONE_SET"]
 
 
 def _reject(name: str, **given) -> None:

@@ -20,6 +20,7 @@ reference split, sampler, steps, guidance, seeds), and comparing files whose car
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -41,11 +42,40 @@ def pixel_config(cfg: Config) -> Config:
     return apply_overrides(copy.deepcopy(cfg), {"data.latent_cache": ""}) if cfg.data.latent_cache else cfg
 
 
+def one_set(cfg: Config) -> bool:
+    """Whether the config's dataset is one set with no test split (emoji): then evaluation draws its reference and
+    its floor from that set, disjoint from each other."""
+    from ..data import ALIASES, ONE_SET
+    return ALIASES.get(cfg.data.dataset.lower(), cfg.data.dataset.lower()) in ONE_SET
+
+
+def reference_split(cfg: Config) -> str:
+    """The split samples are scored against: "test", or "train" for a dataset without one (emoji)."""
+    return "train" if one_set(cfg) else "test"
+
+
 def real_subset(cfg: Config, split: str, n_per_class: int, seed: int):
-    """uint8 images (n_per_class per subclass) and their subclass labels from a split of the config's dataset."""
+    """uint8 images (n_per_class per subclass) and their subclass labels from a split of the config's dataset.
+    For a dataset without a test split, the held-out part of `holdout` (all of a subclass smaller than
+    n_per_class), so that the floor can be drawn from the rest."""
     ds = load_data(cfg, split)
-    sub = in_memory(ds.subset_per_class(n_per_class, seed=seed))
+    sub = in_memory(ds.holdout(n_per_class, seed)[1] if one_set(cfg) else ds.subset_per_class(n_per_class, seed=seed))
     return sub.images, sub.sub_labels, ds.hierarchy
+
+
+def reference_and_floor_images(cfg: Config, split: str, n_per_class: int, seed: int):
+    """(reference images, labels), (floor images, labels), hierarchy: the reference from `split`, the floor from
+    the other of train / test; for a dataset without a test split, two disjoint class-balanced draws of the one
+    set (a subclass with fewer than 2·n_per_class images gives the floor what the reference leaves)."""
+    if not one_set(cfg):
+        ref_images, ref_labels, h = real_subset(cfg, split, n_per_class, seed)
+        floor_images, floor_labels, _ = real_subset(cfg, "train" if split != "train" else "test", n_per_class,
+                                                    seed + 1)
+        return (ref_images, ref_labels), (floor_images, floor_labels), h
+    ds = load_data(cfg, split)
+    rest, held = ds.holdout(n_per_class, seed)
+    ref, floor = in_memory(held), in_memory(rest.subset_per_class(n_per_class, seed=seed + 1, allow_fewer=True))
+    return (ref.images, ref.sub_labels), (floor.images, floor.sub_labels), ds.hierarchy
 
 
 def in_memory(ds, progress: bool = False):
@@ -163,7 +193,11 @@ def reference_id(cfg: Config, split: str, n_per_class: int, resolution: int, see
     from ..metrics.features import weights_sha256
     d = cfg.data
     size = f"{d.image_size}" if d.image_size else "native"
-    return f"{d.dataset}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}-effnet{weights_sha256()}"
+    held = "-held" if one_set(cfg) else ""   # a held-out draw of a one-set dataset, not subset_per_class
+    which = (d.root, d.super_level, d.sub_level, d.categories)   # what else picks the images and their classes
+    if any(which):
+        held += "-" + hashlib.sha1(repr(which).encode()).hexdigest()[:8]
+    return f"{d.dataset}{held}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}-effnet{weights_sha256()}"
 
 
 def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int, judge: Judge | None,
@@ -173,15 +207,17 @@ def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: i
     extractor, hierarchy)."""
     ref_id = reference_id(cfg, split, n_per_class, resolution, seed)
     extractor = _extractor()
-    ref_images, ref_labels, h = real_subset(cfg, split, n_per_class, seed)
+    (ref_images, ref_labels), (floor_images, floor_labels), h = reference_and_floor_images(cfg, split, n_per_class,
+                                                                                          seed)
     ref_feats = features_cached(ref_images, ref_id, extractor, resolution, progress)
-    other_split = "train" if split != "train" else "test"
-    floor_images, floor_labels, _ = real_subset(cfg, other_split, n_per_class, seed + 1)
-    floor_feats = features_cached(floor_images, f"{ref_id}-floor-{other_split}", extractor, resolution, progress)
+    other = "disjoint" if one_set(cfg) else "train" if split != "train" else "test"
+    floor_feats = features_cached(floor_images, f"{ref_id}-floor-{other}", extractor, resolution, progress)
     judged = judge_on_real(judge, ref_images, ref_feats, ref_labels, h) if judge is not None else None
     preds = judge.predict(floor_images, floor_feats) if judge is not None else None
     floor = score(floor_feats, ref_feats, ref_labels, floor_labels, preds, h)
-    floor["note"] = f"real {other_split} images (N per class) scored against the reference like samples"
+    floor["note"] = ("real images (N per class) scored against the reference like samples: "
+                     + ("a draw of the same set disjoint from the reference" if other == "disjoint" else
+                        f"the {other} split"))
     return ref_id, ref_feats, ref_labels, floor, judged, extractor, h
 
 
