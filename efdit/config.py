@@ -74,6 +74,7 @@ class DiffusionConfig:
 class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-4
+    label_lr_scale: float = 1.0     # the label tables' lr = lr × this (new rows of a fine-tune have far to travel)
     warmup_images: int = 0
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
@@ -423,7 +424,7 @@ RULES: dict[str, object] = {
     "sample.accel_kwargs": "kv", "model.attn_kwargs": "kv", "sample.guidance_interval": "interval",
 }
 # fields of other config trees (D²iT's) are checked by their name where they mean the same thing
-NAME_RULES = {"lr": "pos", "batch_size": "pos_int", "minutes": "nonneg", "hidden_size": "pos_int",
+NAME_RULES = {"lr": "pos", "label_lr_scale": "pos", "batch_size": "pos_int", "minutes": "nonneg", "hidden_size": "pos_int",
               "num_heads": "pos_int", "ema_decay": "fraction", "class_dropout_prob": "fraction", "seed": "nonneg_int",
               "image_size": "nonneg_int", "cfg_scale": "scale", "grain_cfg_scale": "scale", "per_class": "pos_int",
               "steps": "pos_int", "sample_steps": "pos_int", "depth": "pos_int", "trunk_depth": "pos_int"}

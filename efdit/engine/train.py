@@ -41,6 +41,18 @@ RESUMABLE_CHANGES = ("train.total_images", "train.minutes", "train.log_every", "
 WARMUP_CHECK_STEP = 10  # a time budget's warm-up is judged from the throughput of the first steps
 
 
+def param_groups(model: torch.nn.Module, label_lr_scale: float = 1.0) -> list[dict]:
+    """The optimizer's groups: the label tables (`y_embedder.*`) at lr × label_lr_scale, the rest at lr; each
+    group's `lr_scale` multiplies the schedule's lr at every step. With the scale 1, one group of every trainable
+    parameter in the model's order, as before the option existed (so older training states resume)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if label_lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    groups = ({"params": [p for n, p in named if not n.startswith("y_embedder.")], "lr_scale": 1.0},
+              {"params": [p for n, p in named if n.startswith("y_embedder.")], "lr_scale": label_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
 def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=None, on_finish=None) -> Path:
     """Train per `cfg` (or resume its run directory). `dataset` replaces the config's data (a
     HierarchicalDataset), e.g. for tests and notebooks. Under torchrun every process runs this same function
@@ -78,8 +90,10 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
         torch.manual_seed(distributed.rank_seed(tc.seed, rank, world))  # label dropout differs per rank
     model.to(device)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
+    groups = param_groups(model, tc.label_lr_scale)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay,
+                            betas=(0.9, 0.999))
 
     # ---- a new run, or the same run resumed ----------------------------------------------------------------
     prog = {"step": 0, "images": 0, "seconds": 0.0}
@@ -119,7 +133,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
         while prog["images"] < tc.total_images and not out_of_time:
             lr = learning_rate(tc, prog["images"] + per_step)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)   # a state saved before lr_scale existed: 1
             terms = train_step(cfg, forward, ddp_model, diffusion, ds, gen, info, local_batch, autocast)
             # the mean over ranks (logging, the NaN stop) and the time budget, one collective: every rank decides alike
             reduced = distributed.all_reduce_mean(list(terms.values()) + [time.time() - start], device)
