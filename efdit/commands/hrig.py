@@ -22,7 +22,7 @@ from ..engine.evaluate import evaluate_model, with_interval, write_json
 from ..engine.files import load_model
 from ..engine.paths import model_file
 from ..errors import EfditError, atomic_write
-from .options import Parser, number_list, positive, positive_int, sample_overrides, writable
+from .options import Parser, nonneg_int, number_list, positive, positive_int, sample_overrides, writable
 
 DEFAULT_SPECS = ["gain=-0.5", "gain=-0.3", "gain=-0.1", "gain=0.3", "gain=0.5", "gain=1"]
 
@@ -167,6 +167,7 @@ def main(argv: list[str]) -> int:
     t.add_argument("--r", type=positive, default=2.0)
     t.add_argument("--hidden", type=positive_int, default=32)
     t.add_argument("--out", default="")
+    t.add_argument("--seed", type=nonneg_int, default=0, help="the refiner's init, training images and noise")
     t.add_argument("--self-supervised", action="store_true",
                    help="the older refiner that inverts bicubic∘D (default: the detail refiner on the model's x̂0)")
     t.add_argument("--no-progress", action="store_true")
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> int:
     if args.what == "train-refiner":
         if rest:
             raise EfditError(f"unknown options for train-refiner: {' '.join(rest)}")
-        train_refiner_for(args.run, args.steps, args.r, args.hidden, out=args.out,
+        train_refiner_for(args.run, args.steps, args.r, args.hidden, out=args.out, seed=args.seed,
                           self_supervised=args.self_supervised, progress=not args.no_progress)
     else:
         specs = [x.strip() for x in args.specs.split(";") if x.strip()]
