@@ -197,7 +197,8 @@ def reference_id(cfg: Config, split: str, n_per_class: int, resolution: int, see
     which = (d.root, d.super_level, d.sub_level, d.categories)   # what else picks the images and their classes
     if any(which):
         held += "-" + hashlib.sha1(repr(which).encode()).hexdigest()[:8]
-    return f"{d.dataset}{held}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}-effnet{weights_sha256()}"
+    return (f"{d.dataset}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}"
+            f"-effnet{weights_sha256()}{held}")
 
 
 def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int, judge: Judge | None,
