@@ -95,9 +95,11 @@ def test_a_dataset_without_a_test_split_is_scored_against_a_held_out_draw_with_a
     import efdit.data as D
     cfg = build_config("digits-tiny", {})
     assert E.reference_split(cfg) == "test" and not E.one_set(cfg)
+    assert E.reference_and_floor_images(cfg, "test", 2, 0)[3] == "train"   # the floor from the other split
     monkeypatch.setattr(D, "ONE_SET", frozenset({"digits"}))   # digits stands in for emoji (no npm data needed)
     assert E.one_set(cfg) and E.reference_split(cfg) == "train"
-    (ref, ref_y), (floor, floor_y), h = E.reference_and_floor_images(cfg, "train", 7, 0)
+    (ref, ref_y), (floor, floor_y), h, source = E.reference_and_floor_images(cfg, "train", 7, 0)
+    assert source == "disjoint"
     assert len(ref) == len(floor) == 7 * h.num_sub
     assert ref_y.bincount(minlength=h.num_sub).tolist() == [7] * h.num_sub
     flat_ref = {bytes(x.numpy().tobytes()) for x in ref}
@@ -109,7 +111,7 @@ def test_a_dataset_without_a_test_split_is_scored_against_a_held_out_draw_with_a
     from efdit.engine.datasets import load_data
     sizes = load_data(cfg, "train").class_counts()
     n = int(sizes.min()) + 1
-    (ref, ref_y), (floor, floor_y), _ = E.reference_and_floor_images(cfg, "train", n, 0)
+    (ref, ref_y), (floor, floor_y), _, _ = E.reference_and_floor_images(cfg, "train", n, 0)
     counts = ref_y.bincount(minlength=h.num_sub)
     assert (counts == sizes.clamp(max=n)).all()
     assert (floor_y.bincount(minlength=h.num_sub)[counts < n] == 0).all()

@@ -64,18 +64,19 @@ def real_subset(cfg: Config, split: str, n_per_class: int, seed: int):
 
 
 def reference_and_floor_images(cfg: Config, split: str, n_per_class: int, seed: int):
-    """(reference images, labels), (floor images, labels), hierarchy: the reference from `split`, the floor from
-    the other of train / test; for a dataset without a test split, two disjoint class-balanced draws of the one
-    set (a subclass with fewer than 2·n_per_class images gives the floor what the reference leaves)."""
+    """(reference images, labels), (floor images, labels), hierarchy, where the floor comes from: the reference
+    from `split` (as `real_subset` draws it), the floor from the other of train / test; for a dataset without a
+    test split, "disjoint": a class-balanced draw of what the reference leaves of the one set (a subclass with fewer
+    than 2·n_per_class images gives the floor only that)."""
     if not one_set(cfg):
+        other = "train" if split != "train" else "test"
         ref_images, ref_labels, h = real_subset(cfg, split, n_per_class, seed)
-        floor_images, floor_labels, _ = real_subset(cfg, "train" if split != "train" else "test", n_per_class,
-                                                    seed + 1)
-        return (ref_images, ref_labels), (floor_images, floor_labels), h
+        floor_images, floor_labels, _ = real_subset(cfg, other, n_per_class, seed + 1)
+        return (ref_images, ref_labels), (floor_images, floor_labels), h, other
     ds = load_data(cfg, split)
-    rest, held = ds.holdout(n_per_class, seed)
+    rest, held = ds.holdout(n_per_class, seed)   # held: what real_subset returns for a one-set dataset
     ref, floor = in_memory(held), in_memory(rest.subset_per_class(n_per_class, seed=seed + 1, allow_fewer=True))
-    return (ref.images, ref.sub_labels), (floor.images, floor.sub_labels), ds.hierarchy
+    return (ref.images, ref.sub_labels), (floor.images, floor.sub_labels), ds.hierarchy, "disjoint"
 
 
 def in_memory(ds, progress: bool = False):
@@ -193,12 +194,12 @@ def reference_id(cfg: Config, split: str, n_per_class: int, resolution: int, see
     from ..metrics.features import weights_sha256
     d = cfg.data
     size = f"{d.image_size}" if d.image_size else "native"
-    held = "-held" if one_set(cfg) else ""   # a held-out draw of a one-set dataset, not subset_per_class
+    tag = "-held" if one_set(cfg) else ""   # a held-out draw of a one-set dataset, not subset_per_class
     which = (d.root, d.super_level, d.sub_level, d.categories)   # what else picks the images and their classes
     if any(which):
-        held += "-" + hashlib.sha1(repr(which).encode()).hexdigest()[:8]
+        tag += "-" + hashlib.sha1(repr(which).encode()).hexdigest()[:8]
     return (f"{d.dataset}-{split}-{size}-c{d.channels or 'n'}-n{n_per_class}-r{resolution}-s{seed}"
-            f"-effnet{weights_sha256()}{held}")
+            f"-effnet{weights_sha256()}{tag}")
 
 
 def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: int, seed: int, judge: Judge | None,
@@ -208,10 +209,9 @@ def reference_and_floor(cfg: Config, split: str, n_per_class: int, resolution: i
     extractor, hierarchy)."""
     ref_id = reference_id(cfg, split, n_per_class, resolution, seed)
     extractor = _extractor()
-    (ref_images, ref_labels), (floor_images, floor_labels), h = reference_and_floor_images(cfg, split, n_per_class,
-                                                                                          seed)
+    (ref_images, ref_labels), (floor_images, floor_labels), h, other = reference_and_floor_images(
+        cfg, split, n_per_class, seed)
     ref_feats = features_cached(ref_images, ref_id, extractor, resolution, progress)
-    other = "disjoint" if one_set(cfg) else "train" if split != "train" else "test"
     floor_feats = features_cached(floor_images, f"{ref_id}-floor-{other}", extractor, resolution, progress)
     judged = judge_on_real(judge, ref_images, ref_feats, ref_labels, h) if judge is not None else None
     preds = judge.predict(floor_images, floor_feats) if judge is not None else None

@@ -92,8 +92,7 @@ def train(cfg: Config, progress: bool = True, dry_run: bool = False, dataset=Non
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     groups = param_groups(model, tc.label_lr_scale)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay,
-                            betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
 
     # ---- a new run, or the same run resumed ----------------------------------------------------------------
     prog = {"step": 0, "images": 0, "seconds": 0.0}
