@@ -171,6 +171,22 @@ def test_taylorseer_forecast_by_hand():
     assert c.computed == 4 and c.skipped == 3
 
 
+def test_taylorseer_forecast_grows_with_the_steps_since_the_full_one():
+    """With interval 3 a skipped step is k = 1 or 2 steps after the full one: the series uses k^j / j!
+    (with interval 2, k is always 1 and a forecast that ignored k would pass)."""
+    c = TaylorSeerCache(interval=3, order=2)
+    c.reset()
+    values = {}
+    x = torch.zeros(1, 1, 1)
+    for step in range(9):
+        c.on_step_begin(step, torch.tensor([999 - step]))
+        values[step] = c(0, "mlp", lambda x_, c_, s=step: torch.full((1, 1, 1), float(s) ** 2), x, None).item()
+    # full steps 0, 3, 6: F = 0, 9, 36. After step 3: ΔF = 9/3 = 3 -> steps 4, 5: 9 + 3·1, 9 + 3·2.
+    # After step 6: ΔF = 27/3 = 9, Δ²F = (9 − 3)/3 = 2 -> step 8 (k = 2): 36 + 9·2 + 2·2²/2 = 58
+    assert (values[4], values[5]) == (12.0, 15.0)
+    assert (values[7], values[8]) == (36.0 + 9.0 + 1.0, 58.0)
+
+
 def test_cache_reset_between_runs():
     m, y = tiny_model(depth=3), torch.arange(4)
     for cache in caches(3):
