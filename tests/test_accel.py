@@ -154,15 +154,20 @@ def test_taylorseer_order0_equals_fora():
         assert not torch.equal(fora, ts1)
 
 
+def _squares_through(cache, steps: int) -> dict[int, float]:
+    """Run one branch whose output at step s is s² through `cache` for `steps` steps: {step: returned value}."""
+    cache.reset()
+    values, x = {}, torch.zeros(1, 1, 1)
+    for step in range(steps):
+        cache.on_step_begin(step, torch.tensor([999 - step]))
+        values[step] = cache(0, "attn", lambda x_, c_, s=step: torch.full((1, 1, 1), float(s) ** 2), x, None).item()
+    return values
+
+
 def test_taylorseer_forecast_by_hand():
     """Finite differences over the full steps and the Taylor forecast, on a branch whose output is step²."""
     c = TaylorSeerCache(interval=2, order=2)
-    c.reset()
-    values = {}
-    x = torch.zeros(1, 1, 1)
-    for step in range(7):
-        c.on_step_begin(step, torch.tensor([999 - step]))
-        values[step] = c(0, "attn", lambda x_, c_, s=step: torch.full((1, 1, 1), float(s) ** 2), x, None).item()
+    values = _squares_through(c, 7)
     # full steps 0, 2, 4, 6: F = 0, 4, 16, 36. At step 5: factors from steps 4 (F=16), ΔF = (16−4)/2 = 6,
     # Δ²F = (6 − (4−0)/2)/2 = 2 -> 16 + 6·1 + 2·1/2 = 23
     assert values[1] == 0.0  # only F known after step 0: order-0 reuse
@@ -174,13 +179,7 @@ def test_taylorseer_forecast_by_hand():
 def test_taylorseer_forecast_grows_with_the_steps_since_the_full_one():
     """With interval 3 a skipped step is k = 1 or 2 steps after the full one: the series uses k^j / j!
     (with interval 2, k is always 1 and a forecast that ignored k would pass)."""
-    c = TaylorSeerCache(interval=3, order=2)
-    c.reset()
-    values = {}
-    x = torch.zeros(1, 1, 1)
-    for step in range(9):
-        c.on_step_begin(step, torch.tensor([999 - step]))
-        values[step] = c(0, "mlp", lambda x_, c_, s=step: torch.full((1, 1, 1), float(s) ** 2), x, None).item()
+    values = _squares_through(TaylorSeerCache(interval=3, order=2), 9)
     # full steps 0, 3, 6: F = 0, 9, 36. After step 3: ΔF = 9/3 = 3 -> steps 4, 5: 9 + 3·1, 9 + 3·2.
     # After step 6: ΔF = 27/3 = 9, Δ²F = (9 − 3)/3 = 2 -> step 8 (k = 2): 36 + 9·2 + 2·2²/2 = 58
     assert (values[4], values[5]) == (12.0, 15.0)
