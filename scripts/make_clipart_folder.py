@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from efdit.data.folder import _flatten
+
 ROOT = Path("/usr/share/openclipart/png")
 CLASSES = {"signs": {"flags": "signs_and_symbols/flags", "roadsigns": "transportation/roadsigns",
                      "map_symbols": "signs_and_symbols/map_symbols", "arrows": "shapes/arrows"},
@@ -27,13 +29,7 @@ CLASSES = {"signs": {"flags": "signs_and_symbols/flags", "roadsigns": "transport
 
 def square(path: Path, size: int) -> Image.Image:
     """One clip-art file -> a (size, size) RGB image on white, aspect kept."""
-    im = Image.open(path)
-    if im.width * im.height > 4096 * 4096:
-        raise ValueError(f"{path}: {im.width}x{im.height} is too large to rasterise cheaply")
-    im = im.convert("RGBA")
-    bg = Image.new("RGBA", im.size, "white")
-    bg.alpha_composite(im)
-    im = bg.convert("RGB")
+    im = _flatten(Image.open(path), "RGB")     # the folder loader's own flattening: transparency on white
     im.thumbnail((size, size), Image.LANCZOS)
     out = Image.new("RGB", (size, size), "white")
     out.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
@@ -47,25 +43,29 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--source", default=str(ROOT), help="where openclipart-png put its PNGs")
     args = p.parse_args()
-    warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge files are skipped, not rasterised
+    # files over 4096² pixels are skipped, not rasterised: PIL warns above MAX_IMAGE_PIXELS and refuses above twice it
+    Image.MAX_IMAGE_PIXELS = 4096 * 4096
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
     if not Path(args.source).is_dir():
         sys.exit(f"no clip art at {args.source}: install Debian's openclipart-png (apt-get install openclipart-png)")
     counts = {"train": 0, "test": 0}
     for sup, subs in CLASSES.items():
         for sub, rel in subs.items():
-            files = sorted(f for f in (Path(args.source) / rel).rglob("*.png"))
+            files = sorted((Path(args.source) / rel).rglob("*.png"))
             files = files[:: max(1, len(files) // args.per_class)][: args.per_class]
             for i, f in enumerate(files):
                 try:
                     im = square(f, args.size)
-                except (OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError):  # unreadable or huge: skipped
+                except (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError):  # unreadable or huge
                     continue
                 split = "test" if i % 3 == 2 else "train"
                 folder = Path(args.root) / split / sup / sub
                 folder.mkdir(parents=True, exist_ok=True)
                 im.save(folder / f"{i:03d}.png")
                 counts[split] += 1
-    print(f"{counts['train']} train + {counts['test']} test images in 8 subclasses under 2 superclasses -> {args.root}")
+    n_sub = sum(len(subs) for subs in CLASSES.values())
+    print(f"{counts['train']} train + {counts['test']} test images in {n_sub} subclasses under {len(CLASSES)} "
+          f"superclasses -> {args.root}")
 
 
 if __name__ == "__main__":

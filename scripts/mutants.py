@@ -4,7 +4,7 @@
     .venv/bin/python scripts/mutants.py HRIG DiffFit # those whose name contains one of the words
 
 Each mutant is applied in a temporary git worktree of HEAD (your checkout is never touched), the named test files
-run with `pytest -x`, and the file is restored. A SURVIVED line is a change to that mechanism the suite would miss:
+run with `pytest -x` (the worktree's efdit first on PYTHONPATH, not the installed one), and the file is restored. A SURVIVED line is a change to that mechanism the suite would miss:
 add the test that catches it, then add the mutant here.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ MUTANTS = [
   'return "rear" if self.t is not None and self.t >= self.boundary else "front"', 'return "front" if self.t is not None and self.t >= self.boundary else "rear"', "tests/test_accel.py"),
  ("TaylorSeer: first-order term without k", "efdit/diffusion/hooks/cache.py",
   "pred = pred + factors[j] * (k ** j / math.factorial(j))", "pred = pred + factors[j] / math.factorial(j)", "tests/test_accel.py"),
- ("HRIG band: upper SNR bound inclusive", "efdit/diffusion/hooks/hrig.py",
+ ("HRIG band: upper SNR bound ×10 and inclusive", "efdit/diffusion/hooks/hrig.py",
   "idx = torch.nonzero((snr >= snr_band[0]) & (snr < snr_band[1])).flatten()", "idx = torch.nonzero((snr >= snr_band[0]) & (snr <= snr_band[1] * 10)).flatten()", "tests/test_hrig.py"),
  ("Tiered Embedder: superclass row dropped", "efdit/models/embedders.py",
   "emb = self.super_table(self._super_id(labels))  ", "emb = 0 * self.super_table(self._super_id(labels))  ", "tests/test_tiered_peft.py"),
@@ -93,7 +93,8 @@ def main() -> int:
                 path.write_text(src.replace(old, new))
                 t0 = time.time()
                 r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests.split()],
-                                   cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                         "PYTHONPATH": str(work)})
                 path.write_text(src)
                 failed = next((line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("FAILED")), "")
                 survived += r.returncode == 0
